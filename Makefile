@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine:
+#   make demo   install into ./.venv, pretrain on the built-in dataset, evaluate, print a table
+#   make test   install into ./.venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: install test test-all demo clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+# Include the long runs (marked `slow`).
+test-all: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+SHARED = ROOT.parent / "shared"
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Keep the suite quick and deterministic on small CPUs.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def data_dir():
+    """The reference vectors copied from ../shared/reference."""
+    return DATA
+
+
+@pytest.fixture
+def cifar_mini():
+    """../shared/data/cifar10-mini when present; tests using it skip cleanly otherwise."""
+    path = SHARED / "data" / "cifar10-mini"
+    if not path.is_dir():
+        pytest.skip("../shared/data/cifar10-mini is not available")
+    return path

@@ -1,0 +1,299 @@
+"""Ground floor of the project: process groups, the gather layer, the schedule, LARS, file helpers.
+
+Everything here works in one plain process with no process group at all (rank 0, world size 1,
+gather = identity), so the same code runs on a laptop CPU and under torchrun or SLURM.
+This module imports no other project module.
+"""
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- process groups
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None  # None: no process group
+
+
+def _env_int(*names: str) -> Optional[int]:
+    for name in names:
+        if os.environ.get(name) not in (None, ""):
+            return int(os.environ[name])
+    return None
+
+
+def detect_launcher() -> str:
+    """'torchrun' when RANK/WORLD_SIZE are set, 'slurm' inside an srun step, else 'none'."""
+    if _env_int("RANK") is not None and _env_int("WORLD_SIZE") is not None:
+        return "torchrun"
+    if _env_int("SLURM_PROCID") is not None and _env_int("SLURM_NTASKS") is not None:
+        return "slurm"
+    return "none"
+
+
+def _slurm_master_addr() -> str:
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodes:
+        return "127.0.0.1"
+    # "node[01-04,07]" -> "node01"; "a1,a2" -> "a1"
+    head = nodes.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split("]")[0]
+    return head
+
+
+def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank: int = -1) -> DistInfo:
+    """Start the process group when a launcher asks for one, and pick this process's device.
+
+    - torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set): env:// rendezvous;
+    - SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID): rank and world size from SLURM, rendezvous
+      at ``dist_url`` (env:// uses MASTER_ADDR/PORT, defaulting to the first node of the job);
+    - no launcher: one plain process, no process group.
+    Backend: nccl on CUDA, gloo on CPU. ``device`` is 'auto' (cuda when available), 'cpu' or 'cuda'.
+    """
+    launcher = detect_launcher()
+    if launcher == "torchrun":
+        rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK") or 0
+    elif launcher == "slurm":
+        rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+        local = _env_int("SLURM_LOCALID") or 0
+        if dist_url == "env://":
+            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 10000))
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        os.environ["LOCAL_RANK"] = str(local)
+    else:
+        rank, world, local = 0, 1, max(local_rank, 0)
+
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world, local, dev)
+    if world > 1 and not is_dist():
+        info.backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(info.backend, init_method=dist_url, world_size=world, rank=rank)
+    elif is_dist():
+        info.backend = dist.get_backend()
+    return info
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; explicit 'cuda' needs CUDA."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count()) if device == "cuda" \
+            else torch.device(device)
+    return torch.device(device)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """An unused TCP port on this host (for single-node rendezvous in tests and local jobs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- gather
+
+class _GatherLayer(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gradients over processes (all-reduce) and
+    returns this process's slice: every process then holds the gradient of the sum of all
+    processes' losses with respect to its own inputs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        sizes = _gather_sizes(x.shape[0])
+        ctx.rank, ctx.sizes = dist.get_rank(), sizes
+        pieces = [x.new_empty((n,) + tuple(x.shape[1:])) for n in sizes]
+        dist.all_gather(pieces, x.contiguous())
+        return torch.cat(pieces, 0) if world > 1 else pieces[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start: start + ctx.sizes[ctx.rank]]
+
+
+def _gather_sizes(n: int) -> List[int]:
+    # Batches are equal on every process in training (drop_last); checking costs a small collective,
+    # so we assume equality unless the caller opts in to ragged gathers.
+    return [n] * dist.get_world_size()
+
+
+def gather_batch(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (B, ...) from every process along dim 0 -> (B*W, ...), with a summed
+    backward. The identity in one process."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    return _GatherLayer.apply(x)
+
+
+@torch.no_grad()
+def gather_nograd(x: Tensor) -> Tensor:
+    """all_gather along dim 0 without autograd (metrics)."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    pieces = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(pieces, x.contiguous())
+    return torch.cat(pieces, 0)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over processes (for logging); the identity in one process."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / get_world_size()
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def learning_schedule(global_step: int, batch_size: int, base_lr: float, end_lr_ratio: float,
+                      total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup from 0 to base_lr * batch_size / 256, then cosine decay to end_lr_ratio of it.
+
+    ``batch_size`` is the global batch. Past ``total_steps`` the rate stays at its end value.
+    """
+    scaled_lr = base_lr * batch_size / 256
+    if global_step < warmup_steps:
+        return scaled_lr * global_step / warmup_steps
+    end_lr = scaled_lr * end_lr_ratio
+    decay_steps = total_steps - warmup_steps
+    if decay_steps <= 0:
+        return end_lr if global_step >= total_steps else scaled_lr
+    progress = min(global_step - warmup_steps, decay_steps) / decay_steps
+    q = 0.5 * (1 + math.cos(math.pi * progress))
+    return scaled_lr * q + end_lr * (1 - q)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS with momentum (You et al. 2017) as VICReg(L) used it.
+
+    For every parameter p that is not one-dimensional: g <- g + weight_decay * p, then
+    g <- eta * |p| / |g| * g when both norms are positive. One-dimensional parameters (biases and
+    norm weights) skip both. Then mu <- momentum * mu + g and p <- p - lr * mu.
+    """
+
+    def __init__(self, params: Iterable, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001):
+        if lr < 0 or weight_decay < 0 or momentum < 0 or eta < 0:
+            raise ValueError(f"LARS needs non-negative hyper-parameters, got lr={lr}, "
+                             f"weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = torch.norm(p), torch.norm(g)
+                    q = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
+                                    torch.ones_like(p_norm))
+                    g = g.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(g)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def param_groups_weight_decay(named_params: Iterable, weight_decay: float) -> List[dict]:
+    """Two AdamW groups: one-dimensional parameters (biases, norm weights) without decay."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- files and errors
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a crash
+    while writing never leaves a truncated file in place of the last good one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class UserError(Exception):
+    """A mistake in the command line or the input files: printed without a traceback, exit code 2."""
+
+
+def exit_on_user_error(fn):
+    """Decorator for entry points: print UserError messages plainly and exit with status 2."""
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
