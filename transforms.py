@@ -1,0 +1,621 @@
+"""Multi-crop views that remember where they came from (SPEC §4).
+
+A VICRegL training sample is a list of V crops of one image together with, for every crop, an
+N×N grid of the centres of its feature-map cells in the original image's pixel coordinates; the
+local loss matches positions of two views through these grids.
+
+Two implementations of the same distribution of views live here:
+
+* ``MultiCropTrainDataTransform``: the fast one used for training. It samples every random
+  parameter of all V views with one RNG call, decodes the JPEG at a reduced scale when every crop
+  allows it, resizes on uint8 tensors, and runs the colour distortion on one float tensor per crop
+  size (batched, in place).
+* ``ReferenceMultiCropTransform``: the pipeline as the original implementation wrote it, crop by
+  crop with torchvision/PIL transforms. It is slow (about 2× slower) and kept as the oracle that
+  the tests and ``bench/transforms.py`` compare the fast one against.
+
+Randomness comes from torch's global RNG (which the DataLoader seeds per worker) unless a
+``torch.Generator`` is given.
+"""
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+
+# Normalisation. The red std 0.228 (instead of ImageNet's 0.229) is a quirk of the original
+# pretraining code: the published VICRegL models were trained with it, so pretraining keeps it
+# for faithfulness; evaluation (linear probe, fine-tuning) uses the usual 0.229.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+PRETRAIN_STD = (0.228, 0.224, 0.225)
+EVAL_STD = (0.229, 0.224, 0.225)
+
+# ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+# Colour distortion strengths and probabilities (SPEC §4 step 3).
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER_P = 0.8
+GRAYSCALE_P = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128
+
+Crop = Tuple[int, int, int, int, int, int]  # (i, j, h, w, H, W): top, left, height, width, image H, W
+
+
+def blur_probability(index_in_group: int) -> float:
+    """Gaussian blur is always applied to even crops of a group and with p 0.1 to odd ones."""
+    return 1.0 if index_in_group % 2 == 0 else 0.1
+
+
+def solarize_probability(index_in_group: int) -> float:
+    """Solarization never touches even crops of a group and has p 0.2 on odd ones."""
+    return 0.0 if index_in_group % 2 == 0 else 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# Crop sampling and location grids
+# --------------------------------------------------------------------------------------------
+
+# Uniform numbers one random-resized crop consumes: 10 tries × (scale, log-ratio), then (top, left).
+_CROP_TRIES = 10
+_CROP_UNIFORMS = 2 * _CROP_TRIES + 2
+
+
+def crop_from_uniforms(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                       u: Sequence[float]) -> Crop:
+    """torchvision's RandomResizedCrop sampling, driven by ``_CROP_UNIFORMS`` numbers in [0, 1).
+
+    Up to 10 tries draw an area fraction uniformly in ``scale`` and an aspect ratio log-uniformly
+    in ``ratio``; the first try whose rounded box fits is placed uniformly at random. When none
+    fits, the central crop with the aspect ratio clamped to ``ratio`` is taken (the fallback).
+    Returns (i, j, h, w, height, width).
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for t in range(_CROP_TRIES):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[2 * t])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[2 * t + 1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            # floor(u·n) is uniform on {0, …, n−1}, as torch.randint(0, n).
+            i = int(u[-2] * (height - h + 1))
+            j = int(u[-1] * (width - w + 1))
+            return i, j, h, w, height, width
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w, height, width
+
+
+def sample_crop(height: int, width: int, scale: Sequence[float] = (0.08, 1.0),
+                ratio: Sequence[float] = (3 / 4, 4 / 3),
+                generator: Optional[torch.Generator] = None) -> Crop:
+    """Random-resized-crop parameters (i, j, h, w, height, width) for an image of that size."""
+    u = torch.rand(_CROP_UNIFORMS, dtype=torch.float64, generator=generator).tolist()
+    return crop_from_uniforms(height, width, scale, ratio, u)
+
+
+def location_grid(crop: Sequence[int], grid_size: int, flip: bool = False) -> torch.Tensor:
+    """Centres of the N×N cells of a crop in the original image's pixel coordinates.
+
+    crop: (i, j, h, w, H, W) as returned by ``sample_crop``; grid_size: N.
+    Returns (N, N, 2) float32 with grid[k, l] = (i + (k + 0.5)·h/N, j + (l + 0.5)·w/N) as
+    (row, col). ``flip=True`` reverses the columns (l → N − 1 − l), so that column l describes
+    what the horizontally flipped view shows at column l.
+    """
+    i, j, h, w = (float(v) for v in crop[:4])
+    if grid_size < 1:
+        raise ValueError(f"grid_size must be >= 1, got {grid_size}")
+    # float64 then float32: exact to float32 rounding (the reference accumulated in float32).
+    centres = torch.arange(grid_size, dtype=torch.float64) + 0.5  # (N,)
+    rows = i + centres * (h / grid_size)  # (N,)
+    cols = j + centres * (w / grid_size)  # (N,)
+    if flip:
+        cols = cols.flip(0)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (N, N, 2)
+    return grid.to(torch.float32)
+
+
+def default_grid_size(size: int, stride: int = 32) -> int:
+    """Feature-map side of a stride-32 backbone for a crop of side ``size`` (224 → 7, 96 → 3).
+
+    ConvNeXt floors (size // 32); ResNet's padded convolutions round up instead for sizes that
+    are not multiples of 32 (e.g. 100 → 4). Pass the backbone's real map sides as
+    ``grid_sizes`` when they differ.
+    """
+    if size // stride < 1:
+        raise ValueError(f"--size-crops: a crop of {size} px gives no feature-map cell at "
+                         f"stride {stride}; use crops of at least {stride} px or give grid_sizes")
+    return size // stride
+
+
+# --------------------------------------------------------------------------------------------
+# Per-view random parameters
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ViewParams:
+    """Every random choice made for one view.
+
+    crop: (i, j, h, w, H, W); flip: mirrored horizontally; jitter: (brightness, contrast,
+    saturation, hue) factors or None when colour jitter is skipped; order: the order in which
+    the four jitter operations are applied (0 brightness, 1 contrast, 2 saturation, 3 hue);
+    gray: converted to grayscale; blur_sigma: sigma of the Gaussian blur or None; solarize.
+    """
+    crop: Crop
+    flip: bool
+    jitter: Optional[Tuple[float, float, float, float]]
+    order: Tuple[int, int, int, int]
+    gray: bool
+    blur_sigma: Optional[float]
+    solarize: bool
+
+
+# Layout of the uniforms one view consumes (one torch.rand call draws them for all views).
+_U_FLIP = _CROP_UNIFORMS
+_U_JITTER = _U_FLIP + 1  # apply?, then 4 factors, then 4 sort keys for the order
+_U_GRAY = _U_JITTER + 9
+_U_BLUR = _U_GRAY + 1  # apply?, sigma
+_U_SOLARIZE = _U_BLUR + 2
+_U_PER_VIEW = _U_SOLARIZE + 1
+
+
+def view_params_from_uniforms(height: int, width: int, scale: Sequence[float],
+                              ratio: Sequence[float], blur_p: float, solarize_p: float,
+                              u: Sequence[float]) -> ViewParams:
+    """Turn ``_U_PER_VIEW`` uniforms into one view's parameters, with the distributions of the
+    reference's torchvision transforms (ColorJitter's factors are uniform in [1 − s, 1 + s],
+    hue in [−h, h], and its operation order is a uniformly random permutation)."""
+    crop = crop_from_uniforms(height, width, scale, ratio, u[:_CROP_UNIFORMS])
+    jitter, order = None, (0, 1, 2, 3)
+    if u[_U_JITTER] < JITTER_P:
+        ub, uc, us, uh = u[_U_JITTER + 1:_U_JITTER + 5]
+        jitter = (1 + JITTER["brightness"] * (2 * ub - 1), 1 + JITTER["contrast"] * (2 * uc - 1),
+                  1 + JITTER["saturation"] * (2 * us - 1), JITTER["hue"] * (2 * uh - 1))
+        keys = u[_U_JITTER + 5:_U_JITTER + 9]
+        order = tuple(sorted(range(4), key=keys.__getitem__))  # argsort of uniforms: a uniform permutation
+    sigma = None
+    if u[_U_BLUR] < blur_p:
+        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[_U_BLUR + 1]
+    return ViewParams(crop=crop, flip=u[_U_FLIP] < 0.5, jitter=jitter, order=order,
+                      gray=u[_U_GRAY] < GRAYSCALE_P, blur_sigma=sigma,
+                      solarize=u[_U_SOLARIZE] < solarize_p)
+
+
+# --------------------------------------------------------------------------------------------
+# Colour operations on float tensors in [0, 1], in place
+#
+# They reproduce torchvision's ColorJitter/Grayscale and PIL's GaussianBlur/solarize on one view
+# (3, H, W) or a batch (B, 3, H, W) (per-sample factors then have shape (B, 1, 1, 1)). Values
+# stay in float between operations where PIL rounds to uint8 after each; the difference is below
+# one grey level and has no systematic sign.
+# --------------------------------------------------------------------------------------------
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma of (..., 3, H, W) -> (..., H, W)."""
+    r, g, b = x.unbind(-3)
+    return (r * GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
+
+
+def adjust_brightness_(x: torch.Tensor, factor) -> torch.Tensor:
+    """Scale towards black: clamp(factor·x)."""
+    return x.mul_(factor).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: torch.Tensor, factor) -> torch.Tensor:
+    """Blend with the mean luma of the image: clamp(factor·x + (1 − factor)·mean)."""
+    # Mean luma = luma of the per-channel means (linear), which avoids a full gray image.
+    means = x.mean(dim=(-2, -1), keepdim=True)  # (..., 3, 1, 1)
+    weights = x.new_tensor(GRAY_WEIGHTS).view(3, 1, 1)
+    mean_luma = (means * weights).sum(dim=-3, keepdim=True)  # (..., 1, 1, 1)
+    return x.mul_(factor).add_(mean_luma * (1 - factor)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation_(x: torch.Tensor, factor) -> torch.Tensor:
+    """Blend with the grayscale image: clamp(factor·x + (1 − factor)·luma)."""
+    gray = _gray(x).unsqueeze(-3)  # (..., 1, H, W)
+    return x.mul_(factor).add_(gray * (1 - factor)).clamp_(0.0, 1.0)
+
+
+def adjust_hue_(x: torch.Tensor, shift) -> torch.Tensor:
+    """Rotate the HSV hue by ``shift`` turns (in [−0.5, 0.5]), keeping HSV saturation and value.
+
+    Uses the closed form of HSV -> RGB: with V = max, C = max − min and hue h in sectors [0, 6),
+    channel n ∈ {R: 5, G: 3, B: 1} is V − C·clamp(min(k, 4 − k), 0, 1), k = (n + h) mod 6.
+    """
+    r, g, b = x.unbind(-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)  # (..., H, W)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    # Hue numerator per case of the maximal channel, then divided by the chroma (0 stays 0).
+    hue = torch.where(maxc == r, g - b,
+                      torch.where(maxc == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
+    hue.div_(chroma.clamp(min=1e-12))
+    if isinstance(shift, torch.Tensor):
+        shift = shift.view(shift.shape[:-3] + (1, 1)) if shift.dim() >= 3 else shift
+    hue.add_(shift * 6.0)
+    offsets = x.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
+    k = torch.remainder(hue.unsqueeze(-3) + offsets, 6.0)  # (..., 3, H, W)
+    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    torch.sub(maxc.unsqueeze(-3), weight.mul_(chroma.unsqueeze(-3)), out=x)
+    return x
+
+
+def to_grayscale_(x: torch.Tensor) -> torch.Tensor:
+    """Replace every channel by the luma (RandomGrayscale keeps 3 channels)."""
+    x.copy_(_gray(x).unsqueeze(-3).expand_as(x))
+    return x
+
+
+def solarize_(x: torch.Tensor, threshold: int = SOLARIZE_THRESHOLD) -> torch.Tensor:
+    """Invert the pixels at or above ``threshold`` (in 0..255 units), as PIL's ImageOps.solarize.
+
+    PIL compares rounded uint8 values, hence the threshold half a level lower in float.
+    """
+    return torch.where(x >= (threshold - 0.5) / 255.0, 1.0 - x, x, out=x)
+
+
+def gaussian_kernels(sigmas: Sequence[float], dtype=torch.float32) -> torch.Tensor:
+    """(len(sigmas), 2R + 1) normalised 1-D Gaussian kernels sharing the radius R = ceil(3·max σ)."""
+    radius = max(1, math.ceil(3.0 * max(sigmas)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    sig = torch.tensor(sigmas, dtype=torch.float64).unsqueeze(1)
+    kernels = torch.exp(-0.5 * (t / sig) ** 2)  # (B, 2R + 1)
+    return (kernels / kernels.sum(dim=1, keepdim=True)).to(dtype)
+
+
+def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of a batch (B, 3, H, W) with one sigma per sample.
+
+    Borders repeat the edge pixel, as PIL's blur does. Returns a new (B, 3, H, W) tensor.
+    """
+    batch, channels, height, width = x.shape
+    kernels = gaussian_kernels(sigmas, x.dtype).repeat_interleave(channels, dim=0)  # (B·3, K)
+    radius = kernels.shape[1] // 2
+    weight = kernels.view(batch * channels, 1, 1, -1)
+
+    def horizontal_pass(planes):  # (1, B·3, h, w) -> same
+        padded = F.pad(planes, (radius, radius, 0, 0), mode="replicate")
+        # Depthwise convolutions run several times faster on channels-last inputs on CPU.
+        return F.conv2d(padded.contiguous(memory_format=torch.channels_last), weight,
+                        groups=batch * channels)
+
+    # The vertical pass is a horizontal pass on the transposed planes (also the faster one).
+    out = horizontal_pass(x.reshape(1, batch * channels, height, width))
+    out = horizontal_pass(out.transpose(-1, -2))
+    return out.transpose(-1, -2).reshape(batch, channels, height, width)
+
+
+def _jitter_(x: torch.Tensor, factors: Sequence[float], order: Sequence[int]) -> None:
+    """ColorJitter on one view (3, H, W) in place, operations in the sampled order."""
+    ops = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)
+    for op in order:
+        ops[op](x, factors[op])
+
+
+def distort_colours_(x: torch.Tensor, params: Sequence[ViewParams]) -> torch.Tensor:
+    """Colour distortion of a batch of same-size views (B, 3, H, W) in [0, 1], in the reference's
+    order: jitter, grayscale, blur, solarize. Returns the distorted batch (possibly a new tensor).
+    """
+    for view, p in zip(x, params):  # views of x: the per-view operations write into x
+        if p.jitter is not None:
+            _jitter_(view, p.jitter, p.order)
+        if p.gray:
+            to_grayscale_(view)
+    blurred = [b for b, p in enumerate(params) if p.blur_sigma is not None]
+    if len(blurred) == len(params):
+        x = gaussian_blur(x, [p.blur_sigma for p in params])
+    elif blurred:
+        x[blurred] = gaussian_blur(x[blurred], [params[b].blur_sigma for b in blurred])
+    for view, p in zip(x, params):
+        if p.solarize:
+            solarize_(view)
+    return x
+
+
+def _check_crop_args(size_crops, num_crops, min_scale_crops, max_scale_crops, grid_sizes):
+    """Validate the multi-crop configuration; errors name the command-line flags."""
+    n = len(size_crops)
+    for flag, values in (("--num-crops", num_crops), ("--min_scale_crops", min_scale_crops),
+                         ("--max_scale_crops", max_scale_crops)):
+        if len(values) != n:
+            raise ValueError(f"{flag} has {len(values)} values but --size-crops has {n}: "
+                             f"give one value per crop size")
+    if n == 0:
+        raise ValueError("--size-crops: at least one crop size is needed")
+    if any(int(s) < 1 for s in size_crops):
+        raise ValueError(f"--size-crops must be positive, got {list(size_crops)}")
+    if any(int(c) < 1 for c in num_crops):
+        raise ValueError(f"--num-crops must be positive, got {list(num_crops)}")
+    for flag, values in (("--min_scale_crops", min_scale_crops), ("--max_scale_crops", max_scale_crops)):
+        if any(not 0.0 < float(v) <= 1.0 for v in values):
+            raise ValueError(f"{flag} must lie in (0, 1], got {list(values)}")
+    for lo, hi in zip(min_scale_crops, max_scale_crops):
+        if lo > hi:
+            raise ValueError(f"--min_scale_crops {list(min_scale_crops)} exceeds "
+                             f"--max_scale_crops {list(max_scale_crops)}")
+    if grid_sizes is not None:
+        if len(grid_sizes) != n:
+            raise ValueError(f"grid_sizes has {len(grid_sizes)} values but --size-crops has {n}")
+        if any(int(g) < 1 for g in grid_sizes):
+            raise ValueError(f"grid sizes must be >= 1, got {list(grid_sizes)}")
+
+
+class _MultiCropConfig:
+    """The crop groups shared by the fast and the reference multi-crop transforms.
+
+    Group g has ``num_crops[g]`` views of side ``size_crops[g]`` with area scale in
+    (min_scale_crops[g], max_scale_crops[g]) and an N×N location grid, N = grid_sizes[g].
+    ``no_flip_grid=True`` (the default, the reference's ``--no-flip-grid 1``) keeps the grid of a
+    flipped crop unflipped: that is what the published models were trained with, even though the
+    grid then describes the crop mirrored. ``no_flip_grid=False`` mirrors the grid with the crop.
+    """
+
+    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
+                 max_scale_crops=(1.0, 0.4), no_flip_grid=True, grid_sizes=None,
+                 ratio=(3 / 4, 4 / 3)):
+        _check_crop_args(size_crops, num_crops, min_scale_crops, max_scale_crops, grid_sizes)
+        self.size_crops = [int(s) for s in size_crops]
+        self.num_crops = [int(n) for n in num_crops]
+        self.scales = [(float(lo), float(hi)) for lo, hi in zip(min_scale_crops, max_scale_crops)]
+        self.grid_sizes = ([int(g) for g in grid_sizes] if grid_sizes is not None
+                           else [default_grid_size(s) for s in self.size_crops])
+        self.no_flip_grid = bool(no_flip_grid)
+        self.ratio = tuple(ratio)
+        # One entry per view: (group, index inside the group).
+        self.view_groups = [(g, k) for g, n in enumerate(self.num_crops) for k in range(n)]
+
+    @property
+    def num_views(self) -> int:
+        return len(self.view_groups)
+
+    def locations(self, crops: Sequence[Crop], flips: Sequence[bool]) -> List[torch.Tensor]:
+        """The V location grids (N_g, N_g, 2) float32 of the views' crops and flips."""
+        return [location_grid(crop, self.grid_sizes[g], flip=flip and not self.no_flip_grid)
+                for (g, _), crop, flip in zip(self.view_groups, crops, flips)]
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(size_crops={self.size_crops}, num_crops={self.num_crops}, "
+                f"scales={self.scales}, grid_sizes={self.grid_sizes}, no_flip_grid={self.no_flip_grid})")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class MultiCropTrainDataTransform(_MultiCropConfig):
+    """Training views of one image: ``(views, locations)`` (SPEC §4).
+
+    Called on a PIL image, returns V = sum(num_crops) float32 views (3, s_g, s_g), normalised with
+    mean ``IMAGENET_MEAN`` and std ``PRETRAIN_STD``, and their V location grids (N_g, N_g, 2)
+    float32 (see ``location_grid``). Views come group by group: ``num_crops[0]`` crops of side
+    ``size_crops[0]``, then the next group. ``grid_sizes`` gives N per group (default: the map
+    side of a stride-32 backbone, ``size // 32``: 224 → 7, 96 → 3).
+
+    Same distribution of views as ``ReferenceMultiCropTransform``, computed faster:
+    - all random numbers of all views come from one ``torch.rand`` call;
+    - a lazily opened JPEG (``Image.open`` without ``convert``) is decoded at 1/2, 1/4 or 1/8
+      scale by libjpeg when every crop is downscaled at least that much anyway (``draft``);
+    - crops are resized on uint8 channels-last tensors (same antialiased bicubic as PIL's);
+    - the colour distortion runs in place on one float tensor per crop size.
+    """
+
+    # Datasets may hand over lazily opened images, which lets JPEG decoding be scaled down.
+    accepts_lazy_images = True
+
+    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
+                 max_scale_crops=(1.0, 0.4), no_flip_grid=True, grid_sizes=None,
+                 ratio=(3 / 4, 4 / 3), draft=True, generator: Optional[torch.Generator] = None):
+        super().__init__(size_crops, num_crops, min_scale_crops, max_scale_crops, no_flip_grid,
+                         grid_sizes, ratio)
+        self.draft = draft
+        self.generator = generator
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(PRETRAIN_STD).view(1, 3, 1, 1)
+
+    def sample_params(self, height: int, width: int) -> List[ViewParams]:
+        """Every random choice of the V views of an image of that size."""
+        u = torch.rand(self.num_views, _U_PER_VIEW, dtype=torch.float64,
+                       generator=self.generator).tolist()
+        return [view_params_from_uniforms(height, width, self.scales[g], self.ratio,
+                                          blur_probability(k), solarize_probability(k), uv)
+                for (g, k), uv in zip(self.view_groups, u)]
+
+    def __call__(self, img: Image.Image) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        width, height = img.size  # known from the header, before decoding
+        params = self.sample_params(height, width)
+        views = self.render(img, params)
+        return views, self.locations([p.crop for p in params], [p.flip for p in params])
+
+    def render(self, img: Image.Image, params: Sequence[ViewParams]) -> List[torch.Tensor]:
+        """The V normalised views (3, s, s) float32 of ``img`` for given parameters."""
+        img, scale = self._decode(img, params)
+        source = None
+        if scale == 1:
+            # (1, 3, H, W) uint8 with channels-last strides: no copy, and the layout that
+            # torch's fast uint8 antialiased resize wants.
+            source = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
+        views, start = [], 0
+        for size, count in zip(self.size_crops, self.num_crops):
+            group = params[start:start + count]
+            start += count
+            if source is not None:
+                crops = [_resize_tensor_crop(source, p.crop, size) for p in group]
+            else:
+                crops = [_resize_pil_crop(img, p.crop, size, scale) for p in group]
+            x = torch.cat(crops)  # (n, 3, s, s) uint8
+            for b, p in enumerate(group):
+                if p.flip:
+                    x[b] = x[b].flip(-1)
+            x = distort_colours_(x.float().div_(255.0), group)
+            # Written into a contiguous tensor: the blur may leave x with transposed strides.
+            out = torch.empty(x.shape, dtype=x.dtype)
+            torch.sub(x, self.mean, out=out).div_(self.std)
+            views.extend(out.unbind(0))
+        return views
+
+    def _decode(self, img: Image.Image, params: Sequence[ViewParams]) -> Tuple[Image.Image, int]:
+        """Decode to RGB; returns (image, scale) where scale is the JPEG draft reduction (1, 2,
+        4 or 8): the decoded image is the original shrunk by ``scale``."""
+        scale = 1
+        lazy_jpeg = getattr(img, "format", None) == "JPEG" and getattr(img, "tile", None)
+        if self.draft and lazy_jpeg:
+            # Largest reduction that still leaves every crop at least its output size.
+            room = min(min(p.crop[2], p.crop[3]) / self.size_crops[g]
+                       for (g, _), p in zip(self.view_groups, params))
+            factor = next((f for f in (8, 4, 2) if room >= f), 1)
+            if factor > 1:
+                width, height = img.size
+                result = img.draft("RGB", (width // factor, height // factor))
+                if result is not None:
+                    scale = round(width / result[1][2])
+        return _to_rgb(img), scale
+
+
+def _resize_tensor_crop(source: torch.Tensor, crop: Crop, size: int) -> torch.Tensor:
+    """Bicubic antialiased resize of crop (i, j, h, w, ·, ·) of (1, 3, H, W) uint8 -> (1, 3, s, s)."""
+    i, j, h, w = crop[:4]
+    return F.interpolate(source[:, :, i:i + h, j:j + w], size=(size, size), mode="bicubic",
+                         antialias=True)
+
+
+def _resize_pil_crop(img: Image.Image, crop: Crop, size: int, scale: int) -> torch.Tensor:
+    """The same resize from an image decoded at 1/scale: the crop box is fractional there."""
+    i, j, h, w = crop[:4]
+    box = (j / scale, i / scale, (j + w) / scale, (i + h) / scale)
+    out = img.resize((size, size), Image.BICUBIC, box=box)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).unsqueeze(0)
+
+
+class MultiCropValDataTransform:
+    """Validation sample of one image: ``(val_view, (views, locations))`` (SPEC §4).
+
+    val_view (3, size, size) float32: shorter side resized to int(size·256/224) (bicubic), centre
+    crop of side size = size_crops[0], normalised like the training views (std 0.228). The
+    multi-crop part is ``MultiCropTrainDataTransform`` with the same arguments, so the validation
+    loss sees the same kind of views as training.
+    """
+
+    accepts_lazy_images = True
+
+    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
+                 max_scale_crops=(1.0, 0.4), no_flip_grid=True, grid_sizes=None, **kwargs):
+        self.train_transform = MultiCropTrainDataTransform(
+            size_crops, num_crops, min_scale_crops, max_scale_crops, no_flip_grid, grid_sizes,
+            **kwargs)
+        size = self.train_transform.size_crops[0]
+        self.val_transform = T.Compose([
+            T.Resize(int(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, PRETRAIN_STD),
+        ])
+
+    def __call__(self, img: Image.Image):
+        img = _to_rgb(img)
+        return self.val_transform(img), self.train_transform(img)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference pipeline (slow; the oracle for tests and bench/transforms.py)
+# --------------------------------------------------------------------------------------------
+
+class RandomResizedCropWithParams(T.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (bicubic) that also returns the crop (i, j, h, w, H, W)."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        super().__init__(size, scale=scale, ratio=ratio, interpolation=T.InterpolationMode.BICUBIC)
+
+    def forward(self, img):
+        i, j, h, w = self.get_params(img, self.scale, self.ratio)
+        _, height, width = TF.get_dimensions(img)
+        out = TF.resized_crop(img, i, j, h, w, self.size, self.interpolation, antialias=True)
+        return out, (i, j, h, w, height, width)
+
+
+class RandomHorizontalFlipWithFlag(torch.nn.Module):
+    """Horizontal flip with probability p that also returns whether it flipped."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, img):
+        flipped = bool(torch.rand(1) < self.p)
+        return (TF.hflip(img) if flipped else img), flipped
+
+
+class PILGaussianBlur:
+    """With probability p, PIL's Gaussian blur with sigma uniform in [0.1, 2.0]."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(1).item() >= self.p:
+            return img
+        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * torch.rand(1).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+class PILSolarization:
+    """With probability p, PIL's solarize (threshold 128)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(1).item() >= self.p:
+            return img
+        return ImageOps.solarize(img, threshold=SOLARIZE_THRESHOLD)
+
+
+def reference_colour_transform(index_in_group: int, std=PRETRAIN_STD) -> T.Compose:
+    """Colour distortion, ToTensor and Normalize of one crop, as the reference composed them."""
+    return T.Compose([
+        T.RandomApply([T.ColorJitter(**JITTER)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAYSCALE_P),
+        PILGaussianBlur(p=blur_probability(index_in_group)),
+        PILSolarization(p=solarize_probability(index_in_group)),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, std),
+    ])
+
+
+class ReferenceMultiCropTransform(_MultiCropConfig):
+    """The reference implementation's training transform, crop by crop on PIL images.
+
+    Same arguments and output as ``MultiCropTrainDataTransform``. It is about 2× slower; it is
+    kept as the faithful oracle that the statistical test and the benchmark compare against.
+    """
+
+    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
+                 max_scale_crops=(1.0, 0.4), no_flip_grid=True, grid_sizes=None,
+                 ratio=(3 / 4, 4 / 3)):
+        super().__init__(size_crops, num_crops, min_scale_crops, max_scale_crops, no_flip_grid,
+                         grid_sizes, ratio)
+        self.crop_transforms = [RandomResizedCropWithParams(self.size_crops[g], self.scales[g], ratio)
+                                for g, _ in self.view_groups]
+        self.flip = RandomHorizontalFlipWithFlag(0.5)
+        self.colour_transforms = [reference_colour_transform(k) for _, k in self.view_groups]
+
+    def __call__(self, img: Image.Image) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        img = _to_rgb(img)
+        views, crops, flips = [], [], []
+        for crop_transform, colour_transform in zip(self.crop_transforms, self.colour_transforms):
+            view, crop = crop_transform(img)
+            view, flipped = self.flip(view)
+            views.append(colour_transform(view))
+            crops.append(crop)
+            flips.append(flipped)
+        return views, self.locations(crops, flips)
