@@ -1,0 +1,459 @@
+"""Datasets and loaders (SPEC §4).
+
+``build_dataset(name, data_dir, split, transform, from_numpy=False, ...)`` picks one of:
+
+* ``"imagenet1k"`` (alias ``"imagefolder"``): ImageNet layout ``<data_dir>/<split>/<class>/<image>``;
+  classes are the sorted sub-folder names. With ``from_numpy=True`` (``--dataset_from_numpy``)
+  the samples come instead from ``<data_dir>/<split>_images.npy`` (image paths, absolute or
+  relative to data_dir) and ``<data_dir>/<split>_labels.npy`` (integer labels).
+* ``"folder"``: every image under ``<data_dir>/<split>`` (or ``<data_dir>`` itself when it has no
+  such sub-folder), recursively, without labels: label -1 and ``num_classes == 0``.
+* ``"builtin"``: ``BuiltinDataset``, procedural images with labels and segmentation masks, made
+  on the fly from (seed, split, index); nothing to download or store. ``data_dir`` is ignored.
+
+Every dataset returns ``(transform(image), label)`` and exposes ``num_classes``. Unreadable
+image files are skipped (the next readable sample takes their place) with a counted
+``UnreadableImageWarning``; a missing or empty data folder raises at construction.
+
+``build_loader`` wraps a dataset in a DataLoader with a DistributedSampler, splitting the
+global batch over the processes.
+"""
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# PIL raises these for truncated, corrupt or non-image files.
+_UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file could not be decoded and was skipped."""
+
+
+# --------------------------------------------------------------------------------------------
+# Image files
+# --------------------------------------------------------------------------------------------
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_images(folder: Path) -> List[Path]:
+    """All image files under ``folder``, recursively, in a stable (sorted) order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / name for name in sorted(filenames) if _is_image(name))
+    return found
+
+
+def _require_dir(path: Path, layout: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder {path} does not exist; expected {layout}")
+
+
+class ImageFileDataset(Dataset):
+    """Images read from files: ``samples`` is a list of (path, label).
+
+    ``__getitem__`` returns ``(transform(image), label)``. A transform with the attribute
+    ``accepts_lazy_images = True`` receives the image as opened (not yet decoded), so that it
+    can choose a reduced JPEG decoding scale; any other transform (and ``transform=None``) gets
+    the decoded RGB image. A file that cannot be decoded is skipped with a counted warning and
+    the next readable sample is returned instead, so an epoch never stops on a bad file.
+    """
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], num_classes: int,
+                 transform: Optional[Callable] = None, root: Optional[str] = None):
+        self.samples = list(samples)
+        self.num_classes = num_classes
+        self.transform = transform
+        self.root = root
+        self.num_unreadable = 0  # counted in this process (each loader worker has its own)
+        self._unreadable = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int):
+        """Transformed image of sample ``index``; raises PIL's errors for unreadable files."""
+        path = self.samples[index][0]
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if getattr(self.transform, "accepts_lazy_images", False):
+                return self.transform(img)  # decodes inside, while the file is open
+            img = img.convert("RGB")
+        return self.transform(img) if self.transform is not None else img
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            if i in self._unreadable:
+                continue
+            try:
+                return self.load(i), self.samples[i][1]
+            except _UNREADABLE_ERRORS as err:
+                self._skip(i, err)
+        raise RuntimeError(f"none of the {len(self.samples)} image files of "
+                           f"{self.root or 'this dataset'} could be read")
+
+    def _skip(self, index: int, err: Exception) -> None:
+        self._unreadable.add(index)
+        self.num_unreadable += 1
+        warnings.warn(f"skipping unreadable image {self.samples[index][0]} "
+                      f"({type(err).__name__}: {err}); {self.num_unreadable} unreadable image(s) "
+                      f"skipped so far in this process", UnreadableImageWarning, stacklevel=2)
+
+
+class ImageFolderDataset(ImageFileDataset):
+    """Labelled folder layout ``<root>/<class>/<image>`` (ImageNet's train/ and val/)."""
+
+    def __init__(self, root, transform: Optional[Callable] = None):
+        root = Path(root)
+        layout = f"the ImageNet layout {root}/<class>/<image>.jpg"
+        _require_dir(root, layout)
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not classes:
+            raise ValueError(f"{root} has no class sub-folders; expected {layout}")
+        samples = [(str(path), label) for label, name in enumerate(classes)
+                   for path in _list_images(root / name)]
+        if not samples:
+            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}; "
+                             f"expected {layout}")
+        super().__init__(samples, len(classes), transform, str(root))
+        self.classes = classes
+
+
+class UnlabelledFolderDataset(ImageFileDataset):
+    """Every image under ``root`` (recursively), without labels: label -1, ``num_classes == 0``."""
+
+    def __init__(self, root, transform: Optional[Callable] = None):
+        root = Path(root)
+        _require_dir(root, f"a folder of images such as {root}/<image>.jpg")
+        samples = [(str(path), -1) for path in _list_images(root)]
+        if not samples:
+            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        super().__init__(samples, 0, transform, str(root))
+
+
+class NumpyListDataset(ImageFileDataset):
+    """Samples listed in ``<data_dir>/<split>_images.npy`` (paths) and ``<split>_labels.npy``.
+
+    Relative paths are taken relative to ``data_dir``; ``num_classes`` is the largest label + 1.
+    """
+
+    def __init__(self, data_dir, split: str, transform: Optional[Callable] = None):
+        data_dir = Path(data_dir)
+        images_file, labels_file = data_dir / f"{split}_images.npy", data_dir / f"{split}_labels.npy"
+        layout = f"{images_file} (image paths) and {labels_file} (labels), as --dataset_from_numpy reads"
+        _require_dir(data_dir, layout)
+        for f in (images_file, labels_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} does not exist; expected {layout}")
+        paths = np.load(images_file, allow_pickle=False)
+        labels = np.load(labels_file, allow_pickle=False).astype(np.int64)
+        if len(paths) == 0:
+            raise ValueError(f"{images_file} lists no images")
+        if len(paths) != len(labels):
+            raise ValueError(f"{images_file} has {len(paths)} paths but {labels_file} has "
+                             f"{len(labels)} labels")
+        samples = [(str(data_dir / str(p)), int(y)) for p, y in zip(paths, labels)]
+        super().__init__(samples, int(labels.max()) + 1, transform, str(data_dir))
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in procedural dataset
+# --------------------------------------------------------------------------------------------
+
+SHAPES = ("disk", "square", "triangle", "star", "ring")
+TEXTURES = ("stripes", "checker", "dots", "plain")
+_SPLIT_STREAMS = {"train": 0, "val": 1}
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-test of a shape of circumradius 1 in its own rotated coordinates (u, v)."""
+    if shape == "disk":
+        return u * u + v * v < 1.0
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) < 0.75
+    if shape == "triangle":  # equilateral, inscribed in the unit circle
+        return (v < 0.5) & (0.866 * u - 0.5 * v < 0.5) & (-0.866 * u - 0.5 * v < 0.5)
+    r = np.sqrt(u * u + v * v)
+    if shape == "star":  # five rounded points
+        return r < 0.6 + 0.4 * np.cos(5.0 * np.arctan2(v, u))
+    if shape == "ring":
+        return (r < 1.0) & (r > 0.55)
+    raise ValueError(f"unknown shape {shape}")
+
+
+def _texture(texture: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float) -> np.ndarray:
+    """Boolean pattern selecting the object's second colour."""
+    if texture == "stripes":
+        return np.sin(freq * u + phase) > 0
+    if texture == "checker":
+        return np.sin(freq * u + phase) * np.sin(freq * v + phase) > 0
+    if texture == "dots":
+        return np.cos(freq * u + phase) + np.cos(freq * v + phase) > 1.0
+    if texture == "plain":
+        return np.zeros(u.shape, dtype=bool)
+    raise ValueError(f"unknown texture {texture}")
+
+
+def _random_colours(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 3) float32 colours in [0, 255]: random hue, fairly saturated, mid to high value."""
+    hue = rng.random(n) * 6.0
+    sat = rng.uniform(0.35, 1.0, n)
+    val = rng.uniform(0.35, 1.0, n)
+    k = (np.array([5.0, 3.0, 1.0]) + hue[:, None]) % 6.0  # closed-form HSV -> RGB
+    rgb = val[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+    return (255.0 * rgb).astype(np.float32)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float32: a colour gradient plus colour noise with a 1/f spectrum."""
+    freqs = np.sqrt(np.fft.fftfreq(size)[:, None] ** 2 + np.fft.rfftfreq(size)[None, :] ** 2)
+    freqs[0, 0] = 1.0
+    spectrum = rng.standard_normal((3, size, size // 2 + 1)) + 1j * rng.standard_normal(
+        (3, size, size // 2 + 1))
+    noise = np.fft.irfft2(spectrum / freqs ** 1.2, s=(size, size))  # (3, size, size)
+    noise = noise / (noise.std(axis=(1, 2), keepdims=True) + 1e-8)
+    colours = _random_colours(rng, 2)
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    angle = rng.random() * 2 * np.pi
+    t = np.clip(0.5 + (ramp[None, :] - 0.5) * np.cos(angle) + (ramp[:, None] - 0.5) * np.sin(angle), 0, 1)
+    image = colours[0] * (1 - t[..., None]) + colours[1] * t[..., None]
+    image += rng.uniform(10, 35) * noise.transpose(1, 2, 0)
+    return image.astype(np.float32)
+
+
+# Circumradius multipliers that give the shapes similar areas (a triangle covers less of its
+# circle than a disk), so that no class wins the "largest object" label by its shape alone.
+_SHAPE_SCALE = {"disk": 1.0, "square": 1.15, "triangle": 1.4, "star": 1.35, "ring": 1.15}
+
+
+def _paint_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, c: int,
+                  radius: float) -> None:
+    """Paint one object of class c (random colours, rotation, position) over image and mask."""
+    size = image.shape[0]
+    shape, texture = SHAPES[c % len(SHAPES)], TEXTURES[c // len(SHAPES)]
+    radius *= _SHAPE_SCALE[shape]
+    cy, cx = rng.uniform(0.15 * size, 0.85 * size, 2)
+    y0, y1 = max(0, int(cy - radius)), min(size, int(np.ceil(cy + radius)) + 1)
+    x0, x1 = max(0, int(cx - radius)), min(size, int(np.ceil(cx + radius)) + 1)
+    yy = (np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy) / radius
+    xx = (np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx) / radius
+    angle = rng.random() * 2 * np.pi
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = xx * cos + yy * sin, yy * cos - xx * sin  # (h, w) coordinates in the object's frame
+    inside = _shape_mask(shape, u, v)
+    pattern = _texture(texture, u, v, freq=rng.uniform(6.0, 12.0), phase=rng.random() * 2 * np.pi)
+    colours = _random_colours(rng, 2)
+    paint = np.where(pattern[..., None], colours[1], colours[0])  # (h, w, 3)
+    image[y0:y1, x0:x1][inside] = paint[inside]
+    mask[y0:y1, x0:x1][inside] = c + 1
+
+
+def render_scene(rng: np.random.Generator, size: int, num_classes: int,
+                 max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, int]:
+    """One procedural scene.
+
+    Class c is the pair (shape SHAPES[c % 5], texture TEXTURES[c // 5]); colours, size, position,
+    rotation and texture frequency are nuisances drawn at random, so a classifier must see
+    shape and texture, not colour. A main object of a uniformly drawn class and up to
+    ``max_objects - 1`` smaller distractors of any class are painted in random order over a
+    textured background, so they occlude each other. The label is the class covering the most
+    visible pixels (almost always the main object's).
+    Returns image (size, size, 3) uint8, mask (size, size) uint8 (0 background, c + 1 for a
+    pixel of class c) and the label.
+    """
+    image = _background(rng, size)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    num_distractors = int(rng.integers(0, max_objects))
+    classes = rng.integers(0, num_classes, 1 + num_distractors)
+    radii = np.concatenate([rng.uniform(0.24, 0.32, 1), rng.uniform(0.1, 0.18, num_distractors)])
+    for k in rng.permutation(1 + num_distractors):
+        _paint_object(image, mask, rng, int(classes[k]), radii[k] * size)
+    image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)  # sensor-like noise
+    counts = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
+    label = int(counts.argmax())
+    return np.clip(image, 0, 255).astype(np.uint8), mask, label
+
+
+class BuiltinDataset(Dataset):
+    """Procedural classification data with segmentation masks; no download, no storage.
+
+    Sample ``index`` of ``split`` is rendered on demand from the seed sequence (seed, split,
+    index), so it is identical across runs, processes and workers; train and val draw from
+    different streams and share no image. ``__getitem__`` returns ``(transform(image), label)``
+    with image a PIL RGB image of side ``image_size`` and label in [0, num_classes).
+    ``sample(index)`` returns (PIL image, mask (H, W) uint8, label) for segmentation:
+    mask 0 is background and c + 1 marks class c. See ``render_scene`` for the design.
+    """
+
+    def __init__(self, split: str = "train", num_images: Optional[int] = None,
+                 image_size: int = 64, num_classes: int = 10, seed: int = 0,
+                 transform: Optional[Callable] = None, max_objects: int = 4):
+        if split not in _SPLIT_STREAMS:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
+        if not 2 <= num_classes <= len(SHAPES) * len(TEXTURES):
+            raise ValueError(f"num_classes must be in [2, {len(SHAPES) * len(TEXTURES)}], "
+                             f"got {num_classes}")
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {image_size}")
+        self.split = split
+        self.num_images = num_images if num_images is not None else (10000 if split == "train" else 2000)
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.seed = seed
+        self.transform = transform
+        self.max_objects = max_objects
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def sample(self, index: int) -> Tuple[Image.Image, np.ndarray, int]:
+        """(image, mask, label) of sample ``index``: PIL RGB image, (H, W) uint8 mask, int."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        rng = np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index])
+        image, mask, label = render_scene(rng, self.image_size, self.num_classes, self.max_objects)
+        return Image.fromarray(image), mask, label
+
+    def __getitem__(self, index: int):
+        image, _, label = self.sample(index)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+class BuiltinSegmentation(BuiltinDataset):
+    """``BuiltinDataset`` as a segmentation dataset: ``__getitem__`` returns (image, mask).
+
+    ``num_classes`` counts the background: K object classes give K + 1 segmentation classes
+    (mask values 0..K). ``transform(image, mask) -> (image, mask)`` is applied jointly; without
+    one, image is a normalised (3, H, W) float32 tensor (evaluation statistics) and mask an
+    (H, W) int64 tensor.
+    """
+
+    ignore_index = 255  # never produced here; the segmentation loss's convention
+
+    def __init__(self, split: str = "train", num_images: Optional[int] = None,
+                 image_size: int = 64, num_classes: int = 10, seed: int = 0,
+                 transform: Optional[Callable] = None, max_objects: int = 4):
+        super().__init__(split, num_images, image_size, num_classes, seed, None, max_objects)
+        self.num_object_classes = num_classes
+        self.num_classes = num_classes + 1
+        self.joint_transform = transform
+
+    def __getitem__(self, index: int):
+        image, mask, _ = self.sample(index)
+        if self.joint_transform is not None:
+            return self.joint_transform(image, mask)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+        return (x - mean) / std, torch.from_numpy(mask).long()
+
+
+def synthetic_photo(width: int = 500, height: int = 375, seed: int = 0) -> Image.Image:
+    """A photograph-like RGB test picture (no download): sky over textured ground.
+
+    Natural images have a roughly 1/f amplitude spectrum and correlated colour channels; this
+    one has both, so that JPEG size, decoding time and colour statistics resemble a photo's.
+    Used by the transform tests and ``bench/transforms.py``.
+    """
+    rng = np.random.default_rng(seed)
+    freqs = np.sqrt(np.fft.fftfreq(height)[:, None] ** 2 + np.fft.rfftfreq(width)[None, :] ** 2)
+    freqs[0, 0] = 1.0
+    shape = (height, width // 2 + 1)
+    shared = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    channels = []
+    for _ in range(3):
+        own = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+        plane = np.fft.irfft2((0.8 * shared + 0.2 * own) / freqs ** 1.1, s=(height, width))
+        channels.append(plane / plane.std())
+    texture = np.stack(channels, axis=-1)  # (H, W, 3)
+    rows = np.linspace(0.0, 1.0, height)[:, None, None]
+    horizon = 0.45 + 0.05 * np.sin(np.linspace(0, 3 * np.pi, width))[None, :, None]
+    sky, ground = np.array([0.45, 0.6, 0.85]), np.array([0.35, 0.4, 0.2])
+    image = np.where(rows < horizon, sky - 0.2 * rows, ground + 0.1 * rows) + 0.12 * texture
+    return Image.fromarray((255 * np.clip(image, 0, 1)).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch and loader
+# --------------------------------------------------------------------------------------------
+
+DATASET_NAMES = ("imagenet1k", "imagefolder", "folder", "builtin")
+
+
+def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable] = None,
+                  from_numpy: bool = False, **builtin_kwargs) -> Dataset:
+    """The dataset ``name`` (see the module docstring) for ``split`` ("train" or "val").
+
+    ``builtin_kwargs`` (num_images, image_size, num_classes, seed, max_objects) go to
+    ``BuiltinDataset``. Errors for a missing or empty ``data_dir`` are raised here, before any
+    model is built. The dataset's ``num_classes`` tells the classifier's width (0: no labels).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if name == "builtin":
+        return BuiltinDataset(split=split, transform=transform, **builtin_kwargs)
+    if builtin_kwargs:
+        raise TypeError(f"{sorted(builtin_kwargs)} only apply to the builtin dataset")
+    if data_dir is None:
+        raise ValueError(f"--dataset {name} needs --data-dir")
+    data_dir = Path(data_dir)
+    if name in ("imagenet1k", "imagefolder"):
+        if from_numpy:
+            return NumpyListDataset(data_dir, split, transform)
+        _require_dir(data_dir, f"the ImageNet layout {data_dir}/{split}/<class>/<image>.jpg")
+        return ImageFolderDataset(data_dir / split, transform)
+    if name == "folder":
+        _require_dir(data_dir, f"a folder of images such as {data_dir}/<image>.jpg")
+        root = data_dir / split if (data_dir / split).is_dir() else data_dir
+        return UnlabelledFolderDataset(root, transform)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+
+
+def per_process_batch(batch_size: int, world_size: int) -> int:
+    """The global ``--batch-size`` split over ``world_size`` processes; it must divide."""
+    if batch_size < 1 or batch_size % world_size != 0:
+        raise ValueError(f"--batch-size {batch_size} is the global batch and must be a positive "
+                         f"multiple of the number of processes ({world_size})")
+    return batch_size // world_size
+
+
+def build_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0,
+                 train: bool = True, num_workers: int = 0, pin_memory: Optional[bool] = None,
+                 seed: int = 0, collate_fn: Optional[Callable] = None
+                 ) -> Tuple[DataLoader, DistributedSampler]:
+    """DataLoader over this process's share of ``dataset``; returns (loader, sampler).
+
+    batch_size is the global batch: each process loads batch_size // world_size samples a step.
+    Training shuffles (call ``sampler.set_epoch(epoch)`` every epoch, so the order changes) and
+    drops the last incomplete batch; validation keeps order and every sample. The shuffling and
+    the workers' random augmentations are deterministic for a given seed. Memory is pinned by
+    default when CUDA is available; workers persist across epochs.
+    """
+    local_batch = per_process_batch(batch_size, world_size)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
+                                 seed=seed)
+    if train and len(sampler) < local_batch:
+        raise ValueError(f"the dataset has {len(dataset)} samples, {len(sampler)} per process: "
+                         f"not one full batch of {local_batch} (--batch-size {batch_size} over "
+                         f"{world_size} process(es))")
+    # Seeds the workers' RNGs (torch's, Python's) from (seed, rank): reproducible augmentations.
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1000 + rank)
+    loader = DataLoader(
+        dataset, batch_size=local_batch, sampler=sampler, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=train, persistent_workers=num_workers > 0, collate_fn=collate_fn,
+        generator=generator)
+    return loader, sampler
