@@ -17,6 +17,7 @@ Two implementations of the same distribution of views live here:
 Randomness comes from torch's global RNG (which the DataLoader seeds per worker) unless a
 ``torch.Generator`` is given.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -389,6 +390,25 @@ class _MultiCropConfig:
                 f"scales={self.scales}, grid_sizes={self.grid_sizes}, no_flip_grid={self.no_flip_grid})")
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch ops single-threaded inside (then restore the setting).
+
+    Per-image tensors are small: splitting them over threads only adds synchronisation, which
+    becomes very costly (milliseconds per op) when the other cores are busy. DataLoader workers
+    already run with one thread; this also covers loading in the main process.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
@@ -434,7 +454,8 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
     def __call__(self, img: Image.Image) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         width, height = img.size  # known from the header, before decoding
         params = self.sample_params(height, width)
-        views = self.render(img, params)
+        with _one_thread():
+            views = self.render(img, params)
         return views, self.locations([p.crop for p in params], [p.flip for p in params])
 
     def render(self, img: Image.Image, params: Sequence[ViewParams]) -> List[torch.Tensor]:
