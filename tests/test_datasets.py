@@ -1,0 +1,307 @@
+"""Tests of datasets.py: the built-in dataset, folder/numpy/unlabelled datasets on tiny trees,
+unreadable files, missing or empty folders, and the loader's batch split."""
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import transforms as tr
+
+
+def write_image(path, seed=0, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """data/train/{cat,dog}/*.jpg (3 + 2 images) and data/val/{cat,dog}/*.png (1 + 1)."""
+    root = tmp_path / "data"
+    for k in range(3):
+        write_image(root / "train" / "cat" / f"{k}.jpg", k)
+    for k in range(2):
+        write_image(root / "train" / "dog" / f"{k}.JPEG", 10 + k)
+    write_image(root / "val" / "cat" / "a.png", 20)
+    write_image(root / "val" / "dog" / "b.png", 21)
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+# ------------------------------------------------------------------------------------------
+# Built-in dataset
+# ------------------------------------------------------------------------------------------
+
+def test_builtin_is_deterministic_and_seed_dependent():
+    a = datasets.BuiltinDataset("train", num_images=20, seed=0)
+    b = datasets.BuiltinDataset("train", num_images=20, seed=0)
+    c = datasets.BuiltinDataset("train", num_images=20, seed=1)
+    for i in (0, 7, 19):
+        (ia, ma, la), (ib, mb, lb) = a.sample(i), b.sample(i)
+        assert np.array_equal(np.array(ia), np.array(ib)) and np.array_equal(ma, mb) and la == lb
+    assert not np.array_equal(np.array(a.sample(3)[0]), np.array(c.sample(3)[0]))
+    assert not np.array_equal(np.array(a.sample(3)[0]), np.array(a.sample(4)[0]))
+
+
+def test_builtin_train_and_val_are_disjoint():
+    train = datasets.BuiltinDataset("train", num_images=200)
+    val = datasets.BuiltinDataset("val", num_images=200)
+    train_images = {np.array(train.sample(i)[0]).tobytes() for i in range(200)}
+    assert not any(np.array(val.sample(i)[0]).tobytes() in train_images for i in range(200))
+
+
+def test_builtin_sample_format_and_label_balance():
+    data = datasets.BuiltinDataset("train", num_images=400, image_size=48, num_classes=10)
+    assert len(data) == 400 and data.num_classes == 10
+    labels = []
+    for i in range(400):
+        image, mask, label = data.sample(i)
+        assert image.size == (48, 48) and image.mode == "RGB"
+        assert mask.shape == (48, 48) and mask.dtype == np.uint8 and mask.max() <= 10
+        # The label is the class with the most visible pixels in the mask.
+        counts = np.bincount(mask.ravel(), minlength=11)[1:]
+        assert counts[label] == counts.max() > 0
+        labels.append(label)
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() >= 20, counts  # every class is common (uniform would be 40 each)
+    assert data[5][1] == data.sample(5)[2] and isinstance(data[5][0], Image.Image)
+
+
+def test_builtin_masks_follow_the_image_content():
+    """Mask boundaries sit on image edges: the colour change across the pixels where the mask
+    changes is largest for the mask as rendered, not for the mask shifted sideways."""
+    data = datasets.BuiltinDataset("val", num_images=20, image_size=64)
+    scores = {shift: [] for shift in (-3, -1, 0, 1, 3)}
+    for i in range(20):
+        image, mask, _ = data.sample(i)
+        pixels = np.array(image).astype(np.float32)
+        edges = np.abs(pixels[:, 1:] - pixels[:, :-1]).sum(-1)  # (H, W - 1)
+        for shift in scores:
+            moved = np.roll(mask, shift, axis=1)
+            boundary = moved[:, 1:] != moved[:, :-1]
+            scores[shift].append(edges[boundary].mean() if boundary.any() else 0.0)
+    mean = {shift: np.mean(v) for shift, v in scores.items()}
+    assert mean[0] > 1.5 * max(v for shift, v in mean.items() if shift != 0), mean
+
+
+def test_builtin_generation_is_fast():
+    data = datasets.BuiltinDataset("train", num_images=200, image_size=64)
+    start = time.perf_counter()
+    for i in range(200):
+        data.sample(i)
+    rate = 200 / (time.perf_counter() - start)
+    assert rate > 250, f"{rate:.0f} images/s"  # ~900/s on one core; leave room for busy CIs
+
+
+@pytest.mark.parametrize("size", [32, 96, 256])
+def test_builtin_sizes(size):
+    image, mask, _ = datasets.BuiltinDataset(image_size=size, num_images=2).sample(1)
+    assert image.size == (size, size) and mask.shape == (size, size)
+
+
+def test_builtin_segmentation():
+    seg = datasets.BuiltinSegmentation("train", num_images=5, image_size=32, num_classes=6)
+    assert seg.num_classes == 7 and seg.ignore_index == 255
+    image, mask = seg[2]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert mask.shape == (32, 32) and mask.dtype == torch.int64 and int(mask.max()) <= 6
+    assert torch.equal(mask, torch.from_numpy(seg.sample(2)[1]).long())
+
+
+def test_builtin_argument_errors():
+    with pytest.raises(ValueError, match="split"):
+        datasets.BuiltinDataset("test")
+    with pytest.raises(ValueError, match="num_classes"):
+        datasets.BuiltinDataset(num_classes=50)
+    with pytest.raises(IndexError):
+        datasets.BuiltinDataset(num_images=3).sample(3)
+
+
+def test_builtin_with_the_training_transform():
+    transform = tr.MultiCropTrainDataTransform([64, 32], [2, 2], grid_sizes=[2, 1])
+    data = datasets.build_dataset("builtin", None, "train", transform, num_images=4)
+    (views, locations), label = data[0]
+    assert [v.shape for v in views] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
+    assert [g.shape for g in locations] == [(2, 2, 2)] * 2 + [(1, 1, 2)] * 2
+    assert 0 <= label < 10
+
+
+# ------------------------------------------------------------------------------------------
+# Folder, numpy and unlabelled datasets
+# ------------------------------------------------------------------------------------------
+
+def test_imagenet_layout(image_tree):
+    train = datasets.build_dataset("imagenet1k", image_tree, "train")
+    val = datasets.build_dataset("imagenet1k", image_tree, "val")
+    assert (len(train), len(val), train.num_classes, val.num_classes) == (5, 2, 2, 2)
+    assert train.classes == ["cat", "dog"]
+    assert [label for _, label in train.samples] == [0, 0, 0, 1, 1]
+    image, label = val[1]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and label == 1
+    assert "val" in val.root  # validation reads the val split (the reference read train)
+
+
+def test_transforms_receive_lazy_or_decoded_images(image_tree):
+    seen = []
+
+    class Eager:
+        def __call__(self, img):
+            seen.append(("eager", img.mode, getattr(img, "tile", None) or None))
+            return 0
+
+    class Lazy(Eager):
+        accepts_lazy_images = True
+
+    datasets.build_dataset("imagenet1k", image_tree, "train", Eager())[0]
+    datasets.build_dataset("imagenet1k", image_tree, "train", Lazy())[0]
+    assert seen[0][1] == "RGB" and seen[0][2] is None  # decoded
+    assert seen[1][2] is not None  # still to decode: the transform may pick a JPEG scale
+
+
+def test_numpy_layout(image_tree, tmp_path):
+    paths = np.array(["train/cat/0.jpg", str(image_tree / "train" / "dog" / "1.JPEG"), "val/dog/b.png"])
+    np.save(image_tree / "train_images.npy", paths)
+    np.save(image_tree / "train_labels.npy", np.array([3, 1, 4]))
+    data = datasets.build_dataset("imagenet1k", image_tree, "train", from_numpy=True)
+    assert len(data) == 3 and data.num_classes == 5
+    assert data[0][1] == 3 and data[2][1] == 4 and data[2][0].size == (20, 16)
+    with pytest.raises(FileNotFoundError, match="val_images.npy"):
+        datasets.build_dataset("imagenet1k", image_tree, "val", from_numpy=True)
+    np.save(image_tree / "val_images.npy", paths)
+    np.save(image_tree / "val_labels.npy", np.array([0, 1]))
+    with pytest.raises(ValueError, match="3 paths but .* 2 labels"):
+        datasets.build_dataset("imagenet1k", image_tree, "val", from_numpy=True)
+
+
+def test_unlabelled_folder(image_tree, tmp_path):
+    data = datasets.build_dataset("folder", image_tree, "train")  # uses data/train
+    assert len(data) == 5 and data.num_classes == 0
+    assert all(data[i][1] == -1 for i in range(len(data)))
+    flat = tmp_path / "flat"
+    for k in range(3):
+        write_image(flat / f"img{k}.png", k)
+    data = datasets.build_dataset("folder", flat, "train")  # no train/ sub-folder: the folder itself
+    assert len(data) == 3 and data.num_classes == 0 and data[2][1] == -1
+
+
+@pytest.mark.parametrize("name", ["imagenet1k", "folder"])
+def test_missing_or_empty_folders_fail_clearly(tmp_path, name):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        datasets.build_dataset(name, missing, "train")
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    (empty / "train" / "cat" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no image files"):
+        datasets.build_dataset(name, empty, "train")
+
+
+def test_missing_split_and_class_folders(image_tree, tmp_path):
+    with pytest.raises(FileNotFoundError, match="test.*<class>"):
+        datasets.ImageFolderDataset(image_tree / "test")
+    flat = tmp_path / "flat"
+    write_image(flat / "train" / "a.png")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        datasets.build_dataset("imagenet1k", flat, "train")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        datasets.build_dataset("cifar", flat, "train")
+
+
+def test_unreadable_images_are_skipped_with_a_counted_warning(image_tree):
+    bad_dir = image_tree / "train" / "cat"
+    good = (bad_dir / "0.jpg").read_bytes()
+    (bad_dir / "1.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    (bad_dir / "2.jpg").write_bytes(b"this is not a picture")  # garbage
+    data = datasets.build_dataset("imagenet1k", image_tree, "train",
+                                  tr.MultiCropTrainDataTransform([16], [1], [0.5], [1.0], grid_sizes=[1]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = [data[i] for i in range(len(data))]  # a whole epoch, no crash
+    messages = [str(w.message) for w in caught if issubclass(w.category, datasets.UnreadableImageWarning)]
+    assert len(messages) == 2
+    assert "1.jpg" in messages[0] and "1 unreadable image(s)" in messages[0]
+    assert "2.jpg" in messages[1] and "2 unreadable image(s)" in messages[1]
+    assert data.num_unreadable == 2
+    # The bad samples are replaced by the next readable one (the first dog).
+    assert [label for _, label in samples] == [0, 1, 1, 1, 1]
+    assert samples[1][0][0][0].shape == (3, 16, 16)
+    with warnings.catch_warnings():  # known bad files are skipped silently afterwards
+        warnings.simplefilter("error")
+        assert data[1][1] == 1
+
+
+def test_all_unreadable_raises(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.jpg").write_bytes(b"garbage")
+    data = datasets.ImageFolderDataset(tmp_path)
+    with pytest.warns(datasets.UnreadableImageWarning), pytest.raises(RuntimeError, match="could be read"):
+        data[0]
+
+
+def test_cifar_mini(cifar_mini):
+    data = datasets.build_dataset("imagenet1k", cifar_mini, "val")
+    assert len(data) == 1000 and data.num_classes == 10
+    image, label = data[999]
+    assert image.size == (32, 32) and label == 9
+
+
+# ------------------------------------------------------------------------------------------
+# Loader
+# ------------------------------------------------------------------------------------------
+
+def test_batch_size_must_divide():
+    data = datasets.BuiltinDataset(num_images=64, image_size=16)
+    with pytest.raises(ValueError, match="--batch-size 10"):
+        datasets.build_loader(data, 10, world_size=4, rank=0)
+    with pytest.raises(ValueError, match="--batch-size"):
+        datasets.per_process_batch(0, 1)
+    with pytest.raises(ValueError, match="not one full batch"):
+        datasets.build_loader(data, 128, world_size=2, rank=0)  # 32 samples per process
+
+
+def to_tensor(img):
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def test_loader_splits_the_global_batch_over_processes():
+    data = datasets.BuiltinDataset(num_images=30, image_size=16, transform=to_tensor)
+    seen = []
+    for rank in range(2):
+        loader, sampler = datasets.build_loader(data, 8, world_size=2, rank=rank, train=True, seed=3,
+                                                pin_memory=False)
+        sampler.set_epoch(0)
+        batches = list(loader)
+        assert len(batches) == 3  # 15 samples per process, 4 per batch, last one dropped
+        assert all(images.shape == (4, 3, 16, 16) and labels.shape == (4,) for images, labels in batches)
+        seen.append(list(sampler))
+    assert not set(seen[0]) & set(seen[1])  # the two processes see different samples
+    # Deterministic order for a seed and epoch; a new epoch reshuffles.
+    again, sampler = datasets.build_loader(data, 8, world_size=2, rank=0, seed=3)
+    sampler.set_epoch(0)
+    assert list(sampler) == seen[0]
+    sampler.set_epoch(1)
+    assert list(sampler) != seen[0]
+
+
+def test_validation_loader_keeps_order_and_every_sample():
+    data = datasets.BuiltinDataset("val", num_images=10, image_size=16, transform=to_tensor)
+    loader, sampler = datasets.build_loader(data, 4, train=False, pin_memory=False)
+    labels = torch.cat([y for _, y in loader])
+    assert list(sampler) == list(range(10)) and len(labels) == 10
+    assert labels.tolist() == [data.sample(i)[2] for i in range(10)]
+
+
+def test_loader_collates_multi_crop_samples_with_workers():
+    transform = tr.MultiCropTrainDataTransform([32, 16], [2, 3], grid_sizes=[2, 1])
+    data = datasets.BuiltinDataset(num_images=8, image_size=32, transform=transform)
+    loader, _ = datasets.build_loader(data, 4, num_workers=1, seed=0, pin_memory=False)
+    assert loader.persistent_workers
+    (views, locations), labels = next(iter(loader))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    assert [tuple(g.shape) for g in locations] == [(4, 2, 2, 2)] * 2 + [(4, 1, 1, 2)] * 3
+    assert labels.shape == (4,)
