@@ -138,39 +138,30 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- gather
 
 class _GatherLayer(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums the gradients over processes (all-reduce) and
+    """all_gather along ``dim`` whose backward sums the gradients over processes (all-reduce) and
     returns this process's slice: every process then holds the gradient of the sum of all
-    processes' losses with respect to its own inputs."""
+    processes' losses with respect to its own inputs. Every process must send the same shape."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        world = dist.get_world_size()
-        sizes = _gather_sizes(x.shape[0])
-        ctx.rank, ctx.sizes = dist.get_rank(), sizes
-        pieces = [x.new_empty((n,) + tuple(x.shape[1:])) for n in sizes]
+    def forward(ctx, x: Tensor, dim: int) -> Tensor:
+        ctx.rank, ctx.dim, ctx.size = dist.get_rank(), dim, x.shape[dim]
+        pieces = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(pieces, x.contiguous())
-        return torch.cat(pieces, 0) if world > 1 else pieces[0]
+        return torch.cat(pieces, dim)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start: start + ctx.sizes[ctx.rank]]
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None
 
 
-def _gather_sizes(n: int) -> List[int]:
-    # Batches are equal on every process in training (drop_last); checking costs a small collective,
-    # so we assume equality unless the caller opts in to ragged gathers.
-    return [n] * dist.get_world_size()
-
-
-def gather_batch(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (B, ...) from every process along dim 0 -> (B*W, ...), with a summed
+def gather_batch(x: Tensor, dim: int = 0) -> Tensor:
+    """Concatenate ``x`` from every process along ``dim`` (the batch: B -> B·W), with a summed
     backward. The identity in one process."""
     if not is_dist() or get_world_size() == 1:
         return x
-    return _GatherLayer.apply(x)
+    return _GatherLayer.apply(x, dim)
 
 
 @torch.no_grad()

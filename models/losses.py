@@ -1,118 +1,203 @@
 """VICRegL losses: the global VICReg loss and the local loss on matched feature-map positions.
 
-Built from three small pieces that both losses share:
-- ``invariance``: mean squared error between matched embeddings (this process's batch);
-- ``variance_covariance``: the variance hinge and the off-diagonal covariance penalty of embeddings
-  gathered over all processes and centred over the batch, computed for many "slots" at once;
-- ``match``: nearest-neighbour matching of feature-map positions, in feature space or image space.
+Built from small pieces that both losses share:
+- ``variance_covariance``: the variance hinge and the off-diagonal covariance penalty of many
+  "slots" at once (views for the global loss, matched positions for the local loss), each slot's
+  statistics taken over the batch gathered from all processes;
+- ``match`` / ``nearest``: nearest-neighbour matching of feature-map positions, in feature space or
+  in image space.
 
-All losses run in float32 or float64 even under autocast (the reference let the covariance matmuls
-run in float16). Inputs are per-process tensors; gathering over processes happens inside.
+Exact reformulations keep the cost low without changing the result:
+- the sum of squared off-diagonal covariance entries is taken from the N x N Gram matrix when the
+  batch N is smaller than the width D (‖XᵀX‖_F = ‖XXᵀ‖_F), else from the D x D covariance;
+- every matching of every view pair is gathered into one (slots, batch, channels) tensor, so the
+  local loss is a handful of large tensor operations; feature matching that keeps every position
+  (``l2_all_matches``) uses the view itself as one side, whose statistics are computed once per
+  view instead of once per pair;
+- in a process group the covariance work is sharded: each process computes 1/W of the Gram (or
+  covariance) entries. The returned value is then this process's share times W: its mean over
+  processes is the loss, and the gradients (summed over processes by the gather layer, averaged
+  by DDP) are exactly those of the unsharded loss.
+
+All losses run in float32 (float64 inputs stay float64) with autocast disabled: the reference let
+the covariance matmuls run in float16.
 """
-from typing import List, Sequence, Tuple
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils import gather_batch
+from utils import gather_batch, get_rank, get_world_size
 
-__all__ = ["global_loss", "local_loss", "match", "variance_covariance", "off_diagonal_sq_sum",
-           "check_num_matches"]
+__all__ = ["global_loss", "local_loss", "match", "nearest", "variance_covariance", "check_num_matches"]
 
 VAR_EPS = 1e-4
+Shard = Optional[Tuple[int, int]]  # (this process's index, number of processes)
 
 
-def _full_precision(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def _full_precision(fn):
+    """Run a loss in float32 (float64 stays float64) with autocast off."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        devices = {t.device.type for a in args if isinstance(a, (list, tuple)) for t in a if torch.is_tensor(t)}
+        with torch.autocast(devices.pop() if len(devices) == 1 else "cpu", enabled=False):
+            args = [[_upcast(t) for t in a] if isinstance(a, (list, tuple)) else a for a in args]
+            return fn(*args, **kwargs)
+    return wrapper
 
 
-def off_diagonal_sq_sum(x: Tensor, col_sq: Tensor) -> Tensor:
-    """Sum of squared off-diagonal entries of xᵀx for a batch of centred matrices.
+def _upcast(t):
+    return t.float() if torch.is_tensor(t) and t.dtype in (torch.float16, torch.bfloat16) else t
 
-    x: (S, N, D); col_sq: (S, D) = the diagonal of xᵀx (sum over N of x²). Returns (S,).
-    Exact identity: ‖xᵀx‖²_F = ‖xxᵀ‖²_F, so when N < D the N×N Gram matrix is the cheaper route
-    (N²·D instead of N·D² multiply-adds); the diagonal's squares are subtracted either way.
+
+def _default_shard() -> Shard:
+    world = get_world_size()
+    return (get_rank(), world) if world > 1 else None
+
+
+# ----------------------------------------------------------------------------- variance / covariance
+
+class _VarCov(torch.autograd.Function):
+    """Per-slot variance hinge and covariance penalty with a hand-written backward.
+
+    Autograd would keep and revisit several (S, N, D) intermediates and run two matmuls for the
+    Gram term's backward; the closed-form gradient needs one matmul and a few passes:
+    with x centred, G = x xᵀ (or C = xᵀx with zeroed diagonal), the off-diagonal sum
+    f = ‖G‖² - Σ_d col_sq_d² has ∂f/∂x = 4 (G x - x ⊙ col_sq) (or 4 x C), and the variance
+    hinge depends on x only through col_sq (∂col_sq/∂x = 2x). Centring's backward subtracts the
+    gradient's mean over N. With a shard (r, W) only rows (Gram) or columns (covariance) r are
+    computed and the gradient has both the block's and its transpose's contributions.
     """
-    n, d = x.shape[-2], x.shape[-1]
-    if n < d:
-        full = torch.matmul(x, x.transpose(-1, -2)).pow(2).sum(dim=(-2, -1))  # via (S, N, N)
-    else:
-        full = torch.matmul(x.transpose(-1, -2), x).pow(2).sum(dim=(-2, -1))  # via (S, D, D)
-    return full - col_sq.pow(2).sum(dim=-1)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shard: Shard):
+        n, d = x.shape[-2], x.shape[-1]
+        r, w = shard or (0, 1)
+        xc = x - x.mean(dim=-2, keepdim=True)
+        col_sq = torch.linalg.vector_norm(xc, dim=-2).square()  # (S, D): (N - 1)·var, diag of xᵀx
+        std = torch.sqrt(col_sq / (n - 1) + VAR_EPS)
+        var = F.relu(1 - std).mean(dim=-1)
+        if n < d:  # N x N Gram rows [lo, hi): ‖XXᵀ‖² = ‖XᵀX‖², minus the diagonal's squares
+            lo, hi = _bounds(n, r, w)
+            block = torch.matmul(xc[..., lo:hi, :], xc.transpose(-1, -2))  # (S, n_r, N)
+            off = block.square().sum(dim=(-2, -1)) - col_sq.square().sum(dim=-1) / w
+        else:  # D x D covariance columns [lo, hi), diagonal zeroed exactly (no cancellation)
+            lo, hi = _bounds(d, r, w)
+            block = torch.matmul(xc[..., lo:hi].transpose(-1, -2), xc)  # (S, d_r, D)
+            block.diagonal(offset=lo, dim1=-2, dim2=-1).zero_()
+            off = block.square().sum(dim=(-2, -1))
+        ctx.save_for_backward(xc, col_sq, std, block)
+        ctx.lo, ctx.hi, ctx.w = lo, hi, w
+        return var, off * w / ((n - 1) ** 2 * d)
+
+    @staticmethod
+    def backward(ctx, g_var: Tensor, g_cov: Tensor):
+        xc, col_sq, std, block = ctx.saved_tensors
+        lo, hi, w = ctx.lo, ctx.hi, ctx.w
+        n, d = xc.shape[-2], xc.shape[-1]
+        g_cov = (g_cov * w / ((n - 1) ** 2 * d))[..., None, None]  # (S, 1, 1)
+        # ∂var/∂col_sq = -[std < 1] / (2·std·(N - 1)·D); ∂col_sq/∂x = 2x
+        d_col = -(std < 1).to(xc.dtype) / (2 * std * (n - 1) * d) * g_var[..., None]  # (S, D)
+        if n < d:
+            d_col = d_col - 2 * col_sq * g_cov[..., 0] / w
+        grad = xc * (2 * d_col).unsqueeze(-2)  # the one full-size elementwise pass
+        # Rows or columns of xc sum to zero, so G·xc, xc·C and xc ⊙ d_col already have zero mean
+        # over N and centring's backward is the identity; only the sharded Gram rows need it.
+        if n < d and w == 1:
+            grad.baddbmm_(block * (4 * g_cov), xc)
+        elif n < d:
+            grad.baddbmm_(block.transpose(-1, -2) * (2 * g_cov), xc[..., lo:hi, :])
+            grad[..., lo:hi, :].baddbmm_(block * (2 * g_cov), xc)
+            grad -= grad.mean(dim=-2, keepdim=True)
+        elif w == 1:
+            grad.baddbmm_(xc, block * (4 * g_cov))
+        else:
+            grad.baddbmm_(xc[..., lo:hi], block * (2 * g_cov))
+            grad[..., lo:hi].baddbmm_(xc, block.transpose(-1, -2) * (2 * g_cov))
+        return grad, None
 
 
-def variance_covariance(x: Tensor) -> Tuple[Tensor, Tensor]:
+def _bounds(size: int, r: int, w: int) -> Tuple[int, int]:
+    """This process's share [lo, hi) of ``size`` rows or columns (as even as possible)."""
+    return size * r // w, size * (r + 1) // w
+
+
+def variance_covariance(x: Tensor, shard: Shard = None) -> Tuple[Tensor, Tensor]:
     """Variance hinge and covariance penalty per slot.
 
-    x: (S, N, D): S independent slots (views, or matched positions), N samples gathered over all
-    processes, D channels; centred here over N.
-    Returns (var, cov), each (S,): var = mean_d relu(1 - sqrt(Var_n x + 1e-4)) with the unbiased
-    variance, cov = (sum of squared off-diagonal entries of xᵀx / (N - 1)) / D.
+    x: (S, N, D): S independent slots, N samples (gathered over processes), D channels; centred here.
+    Returns (var, cov), each (S,): var = mean_d relu(1 - sqrt(Var_n x + 1e-4)) (unbiased variance);
+    cov = (sum of squared off-diagonal entries of xᵀx / (N - 1)) / D, or with ``shard = (r, W)``
+    process r's share of it times W (see the module docstring).
     """
-    n, d = x.shape[-2], x.shape[-1]
-    x = x - x.mean(dim=-2, keepdim=True)
-    col_sq = x.pow(2).sum(dim=-2)  # (S, D): (N - 1) * variance, also the diagonal of xᵀx
-    std = torch.sqrt(col_sq / (n - 1) + VAR_EPS)
-    var = F.relu(1 - std).mean(dim=-1)
-    cov = off_diagonal_sq_sum(x, col_sq) / ((n - 1) ** 2 * d)
-    return var, cov
+    if x.shape[-2] < 2:
+        raise ValueError(f"variance needs at least 2 samples in the (gathered) batch, got {x.shape[-2]}")
+    return _VarCov.apply(x, shard)
 
 
-def _gathered_slots(x: Tensor) -> Tensor:
-    """(B, K, C) per process -> (K, N, C): gathered over processes, slots first."""
-    return gather_batch(x).transpose(0, 1)
-
-
-def global_loss(embeddings: Sequence[Tensor], inv_coeff: float = 25.0, var_coeff: float = 25.0,
-                cov_coeff: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
-    """VICReg loss on the expanded pooled embeddings of all views.
-
-    embeddings: V tensors (B, D); views 0 and 1 are the large crops. Invariance is averaged over the
-    2(V - 1) ordered pairs (i, j), i in {0, 1}, j != i; variance and covariance over the V views.
-    Returns (inv, var, cov), already multiplied by their coefficients.
-    """
-    z = [_full_precision(e) for e in embeddings]
-    pairs = _view_pairs(len(z))
-    inv = sum(F.mse_loss(z[i], z[j]) for i, j in pairs) / len(pairs)
-    var = cov = 0.0
-    for e in z:  # one view at a time: a (V, N, D) stack would double the memory at large N·D
-        v, c = variance_covariance(gather_batch(e).unsqueeze(0))
-        var, cov = var + v[0], cov + c[0]
-    return inv_coeff * inv, var_coeff * var / len(z), cov_coeff * cov / len(z)
-
+# ----------------------------------------------------------------------------- global loss
 
 def _view_pairs(num_views: int) -> List[Tuple[int, int]]:
+    """Ordered pairs (i, j), i in {0, 1} (the large crops), j != i: 2(V - 1) pairs."""
     if num_views < 2:
         raise ValueError(f"VICRegL needs at least 2 views (the two large crops), got {num_views}")
     return [(i, j) for i in range(2) for j in range(num_views) if j != i]
 
 
+@_full_precision
+def global_loss(embeddings: Sequence[Tensor], inv_coeff: float = 25.0, var_coeff: float = 25.0,
+                cov_coeff: float = 1.0, shard: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """VICReg loss on the expanded pooled embeddings of all views.
+
+    embeddings: V tensors (B, D); views 0 and 1 are the large crops. Invariance is the mean MSE
+    over the pairs of ``_view_pairs``; variance and covariance the mean over views.
+    ``shard``: split the covariance work over processes (default: when there is a process group).
+    Returns (inv, var, cov), already multiplied by their coefficients.
+    """
+    z = torch.stack(list(embeddings))  # (V, B, D)
+    num_pairs = len(_view_pairs(len(z)))
+    # Σ_{i<2} Σ_{j≠i} ‖z_i - z_j‖²: the j = i term is zero, so no mask is needed.
+    inv = sum((z - z[i]).square().sum() for i in range(2)) / (num_pairs * z[0].numel())
+    gathered = gather_batch(z, dim=1)  # (V, N, D)
+    var, cov = variance_covariance(gathered, _default_shard() if shard in (None, True) else None)
+    return inv_coeff * inv, var_coeff * var.mean(), cov_coeff * cov.mean()
+
+
 # ----------------------------------------------------------------------------- matching
 
 @torch.no_grad()
-def _nearest(a: Tensor, b: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Indices of the k positions of ``a`` closest to ``b`` and of their nearest neighbours.
+def nearest(a: Tensor, b: Tensor, k: Optional[int]) -> Tuple[Optional[Tensor], Tensor]:
+    """Keep the k positions of ``a`` nearest to their nearest neighbour in ``b``.
 
-    a: (B, La, F), b: (B, Lb, F) -> kept (B, k) in increasing position order, nn (B, k).
-    Ties go to the smaller index, both for the nearest neighbour and for the kept positions.
+    a: (B, La, F), b: (B, Lb, F) (features or locations). Returns (kept, nn): kept (B, k) in
+    increasing position order — the order matters, variance and covariance are taken per slot —
+    and nn (B, k) the neighbour of each kept position. ``k=None`` keeps every position
+    (kept is then None, meaning 0..La-1). Ties go to the smaller index at both steps.
     """
-    dist = torch.cdist(a.float() if a.dtype != torch.float64 else a,
-                       b.float() if b.dtype != torch.float64 else b)  # (B, La, Lb)
-    d, nn_idx = dist.min(dim=2)  # first minimum wins ties
-    order = torch.sort(d, dim=1, stable=True).indices[:, :k]  # k smallest distances, stable
-    kept = torch.sort(order, dim=1).values  # slots in increasing position order (see SPEC §3)
+    a, b = _distance_dtype(a), _distance_dtype(b)
+    if a.shape[-1] <= 4:  # locations: exact differences, so equal distances stay exactly equal
+        sq = (a.unsqueeze(2) - b.unsqueeze(1)).square().sum(-1)  # (B, La, Lb)
+    else:  # features: ‖a‖² - 2a·b + ‖b‖² through one matmul instead of a (B, La, Lb, C) tensor
+        sq = a.square().sum(-1, keepdim=True) - 2 * torch.matmul(a, b.transpose(1, 2)) \
+            + b.square().sum(-1).unsqueeze(1)
+    dist, nn_idx = sq.min(dim=2)  # (B, La); the first minimum wins ties
+    if k is None:
+        return None, nn_idx
+    order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+    kept = torch.sort(order, dim=1).values
     return kept, nn_idx.gather(1, kept)
 
 
-def match(a_dist: Tensor, b_dist: Tensor, a_feat: Tensor, b_feat: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Keep the k positions of a nearest to their nearest neighbour in b.
+def _distance_dtype(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
 
-    a_dist (B, La, ·), b_dist (B, Lb, ·): what distances are measured on (features or locations).
-    a_feat (B, La, C), b_feat (B, Lb, C): what is returned for the kept positions and their
-    neighbours -> (x, y), each (B, k, C).
-    """
-    kept, nn_idx = _nearest(a_dist, b_dist, k)
+
+def match(a_dist: Tensor, b_dist: Tensor, a_feat: Tensor, b_feat: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Matched features (x, y), each (B, k, C): the kept positions of a_feat and their neighbours in
+    b_feat, distances measured between a_dist (B, La, ·) and b_dist (B, Lb, ·)."""
+    kept, nn_idx = nearest(a_dist, b_dist, k)
     c = a_feat.shape[-1]
     x = a_feat.gather(1, kept.unsqueeze(-1).expand(-1, -1, c))
     y = b_feat.gather(1, nn_idx.unsqueeze(-1).expand(-1, -1, c))
@@ -138,62 +223,134 @@ def check_num_matches(num_positions: Sequence[int], num_matches: Sequence[int]) 
 
 # ----------------------------------------------------------------------------- local loss
 
-def _slot_terms(x: Tensor, y: Tensor, with_vc: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Uncoefficiented per-slot VICReg terms on matched pairs x, y (B, k, C).
+class _Slots:
+    """Matched positions of all directions as indices into the views' concatenated positions.
 
-    inv = MSE(x, y); var = (mean var hinge of x + of y) / 2; cov = (mean over slots of x's
-    covariance penalty + y's) / 2, each slot's statistics taken across the gathered batch.
+    inv_x / inv_y: (B, k) index pairs whose MSE enters invariance, with per-slot weights;
+    vc: (B, k) indices whose per-slot statistics enter variance/covariance, with weights;
+    whole: per-position weights for slots that are a whole view in position order (the same for
+    every sample, so shared by every pair that uses that view).
+    Weights live on the host: building them never waits for the device.
     """
-    inv = F.mse_loss(x, y)
-    if not with_vc:
-        return inv, inv.new_zeros(()), inv.new_zeros(())
-    var_x, cov_x = variance_covariance(_gathered_slots(x))
-    var_y, cov_y = variance_covariance(_gathered_slots(y))
-    return inv, (var_x.mean() + var_y.mean()) / 2, (cov_x.mean() + cov_y.mean()) / 2
+
+    def __init__(self, total_positions: int):
+        self.inv_x: List[Tensor] = []
+        self.inv_y: List[Tensor] = []
+        self.inv_w: List[Tensor] = []
+        self.vc: List[Tensor] = []
+        self.vc_w: List[Tensor] = []
+        self.whole = torch.zeros(total_positions, dtype=torch.float64)
+
+    def add(self, x_idx: Tensor, y_idx: Tensor, weight: float, with_vc: bool, x_whole: Optional[slice]):
+        k = x_idx.shape[1]
+        self.inv_x.append(x_idx)
+        self.inv_y.append(y_idx)
+        self.inv_w.append(torch.full((k,), weight / k, dtype=torch.float64))
+        if not with_vc:
+            return
+        w = torch.full((k,), weight / (2 * k), dtype=torch.float64)  # x and y halves
+        if x_whole is not None:
+            self.whole[x_whole] += w
+        else:
+            self.vc.append(x_idx)
+            self.vc_w.append(w)
+        self.vc.append(y_idx)
+        self.vc_w.append(w)
+
+    def vc_indices(self, batch: int, device) -> Tuple[Tensor, Tensor]:
+        own = torch.nonzero(self.whole).flatten()  # host tensor: no device synchronisation
+        idx = torch.cat([own.to(device).unsqueeze(0).expand(batch, -1)] + self.vc, dim=1)
+        return idx, torch.cat([self.whole[own]] + self.vc_w)
 
 
+class _MatchedSqErr(torch.autograd.Function):
+    """Per-slot squared error between matched positions: feats (B, L, C), x_idx / y_idx (B, K)
+    -> (K,) = Σ_{b,c} (feats[b, x_idx[b,k]] - feats[b, y_idx[b,k]])². Keeps one (B, K, C)
+    difference for the backward, which scatters ±2·diff straight into the feature gradient."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, x_idx: Tensor, y_idx: Tensor) -> Tensor:
+        diff = _take(feats, x_idx).sub_(_take(feats, y_idx))  # (B, K, C)
+        ctx.save_for_backward(diff, x_idx, y_idx)
+        ctx.shape = feats.shape
+        return torch.linalg.vector_norm(diff, dim=(0, 2)).square()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        diff, x_idx, y_idx = ctx.saved_tensors
+        g_diff = diff * (2 * g)[None, :, None]
+        grad = diff.new_zeros(ctx.shape)
+        idx = lambda i: i.unsqueeze(-1).expand_as(g_diff)
+        grad.scatter_add_(1, idx(x_idx), g_diff)
+        grad.scatter_add_(1, idx(y_idx), g_diff.neg_())
+        return grad, None, None
+
+
+def _take(feats: Tensor, idx: Tensor) -> Tensor:
+    """feats (B, L, C), idx (B, K) -> (B, K, C)."""
+    return feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+
+
+def _take_slots(feats: Tensor, idx: Tensor) -> Tensor:
+    """feats (B, L, C), idx (B, K) -> (K, B, C), slot-major and contiguous (one copy)."""
+    b, l, c = feats.shape
+    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * l).t().reshape(-1)  # (K·B,)
+    return feats.reshape(b * l, c).index_select(0, flat).view(-1, b, c)
+
+
+@_full_precision
 def local_loss(maps: Sequence[Tensor], locations: Sequence[Tensor], num_matches: Sequence[int] = (20, 4),
                l2_all_matches: bool = True, inv_coeff: float = 25.0, var_coeff: float = 25.0,
-               cov_coeff: float = 1.0, fast_vc_reg: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+               cov_coeff: float = 1.0, fast_vc_reg: bool = False,
+               shard: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """VICReg on matched feature-map positions, averaged over the same view pairs as the global loss.
 
-    maps: V tensors (B, L_v, C), the expanded maps; locations: V grids (B, H_v, W_v, 2) of
-    cell centres in image coordinates (L_v = H_v·W_v, same row-major order as the maps).
-    For each ordered pair (i, j) two matchings, each in both directions and averaged over them:
-    feature space (L2 between the maps; every position kept when ``l2_all_matches``) and image space
-    (between the grids; num_matches[0] kept for i -> j, num_matches[1] for j -> i).
-    ``fast_vc_reg``: pairs give only invariance; variance and covariance are taken once per view on
-    all its positions (the corrected version of the reference's flag).
+    maps: V tensors (B, L_v, C), the expanded maps; locations: V grids (B, H_v, W_v, 2) of cell
+    centres in image coordinates (L_v = H_v·W_v, same row-major order as the maps).
+    For each ordered pair (i, j) two matchings, each in both directions, averaged over the two
+    directions and summed over the two matchings: feature space (L2 between the maps; every
+    position kept when ``l2_all_matches``, else num_matches) and image space (between the grids;
+    num_matches[0] kept for i -> j, num_matches[1] for j -> i). Each direction's term on matched
+    (x, y), (B, k, C): inv = MSE(x, y); var and cov = the mean over slots of x's and y's statistics,
+    halved. ``fast_vc_reg``: pairs give only invariance; variance and covariance are taken once per
+    view on all its positions (the corrected version of the reference's flag).
     Returns (inv, var, cov), already multiplied by their coefficients.
     """
-    maps = [_full_precision(m) for m in maps]
     grids = [g.flatten(1, 2) for g in locations]  # (B, L_v, 2)
     for v, (m, g) in enumerate(zip(maps, grids)):
         if m.shape[1] != g.shape[1]:
             raise ValueError(f"view {v}: the feature map has {m.shape[1]} positions but its location "
                              f"grid has {g.shape[1]} ({tuple(locations[v].shape[1:3])}); the grid size "
                              f"must equal the backbone's map size for that crop size")
-    positions = [m.shape[1] for m in maps]
-    check_num_matches(positions, num_matches)
+    sizes = [m.shape[1] for m in maps]
+    check_num_matches(sizes, num_matches)
+    offsets = [sum(sizes[:v]) for v in range(len(maps))]
+    feats = torch.cat(list(maps), dim=1)  # (B, ΣL, C)
     pairs = _view_pairs(len(maps))
-    with_vc = not fast_vc_reg
-    inv = var = cov = 0.0
+    slots = _Slots(feats.shape[1])
+    # Each direction counts 1/2 (average of the two directions), then 1/P over pairs.
+    weight = 1.0 / (2 * len(pairs))
     for i, j in pairs:
-        k_ij, k_ji = (positions[i], positions[j]) if l2_all_matches else tuple(num_matches)
-        directions = [  # (a_dist, b_dist, a_feat, b_feat, k): feature matching, then location
-            (maps[i], maps[j], maps[i], maps[j], k_ij), (maps[j], maps[i], maps[j], maps[i], k_ji),
-            (grids[i], grids[j], maps[i], maps[j], num_matches[0]),
-            (grids[j], grids[i], maps[j], maps[i], num_matches[1]),
-        ]
-        for a_d, b_d, a_f, b_f, k in directions:
-            t_inv, t_var, t_cov = _slot_terms(*match(a_d, b_d, a_f, b_f, k), with_vc)
-            # each matching averages its two directions; the pair sums the two matchings
-            inv, var, cov = inv + t_inv / 2, var + t_var / 2, cov + t_cov / 2
-    inv, var, cov = inv / len(pairs), var / len(pairs), cov / len(pairs)
+        for a, b, by_location in ((i, j, False), (j, i, False), (i, j, True), (j, i, True)):
+            k = num_matches[0] if a == i else num_matches[1]
+            every = not by_location and l2_all_matches
+            kept, nn_idx = nearest(grids[a] if by_location else maps[a], grids[b] if by_location else maps[b],
+                                   None if every else k)
+            if every:
+                kept = torch.arange(sizes[a], device=feats.device).expand_as(nn_idx)
+            whole = slice(offsets[a], offsets[a] + sizes[a]) if every else None
+            slots.add(kept + offsets[a], nn_idx + offsets[b], weight, not fast_vc_reg, whole)
     if fast_vc_reg:
-        var, cov = 0.0, 0.0
-        for m in maps:
-            v, c = variance_covariance(_gathered_slots(m))
-            var, cov = var + v.mean(), cov + c.mean()
-        var, cov = var / len(maps), cov / len(maps)
-    return inv_coeff * inv, var_coeff * var, cov_coeff * cov
+        for v, size in enumerate(sizes):
+            slots.whole[offsets[v]: offsets[v] + size] += 1.0 / (size * len(maps))
+
+    x_idx, y_idx = torch.cat(slots.inv_x, 1), torch.cat(slots.inv_y, 1)
+    sq_err = _MatchedSqErr.apply(feats, x_idx, y_idx)  # (K,)
+    inv_w = torch.cat(slots.inv_w).to(feats.device, sq_err.dtype, non_blocking=True)
+    inv = (sq_err * inv_w).sum() / (feats.shape[0] * feats.shape[2])
+
+    vc_idx, vc_w = slots.vc_indices(feats.shape[0], feats.device)
+    gathered = gather_batch(_take_slots(feats, vc_idx), dim=1)  # (S, N, C)
+    var, cov = variance_covariance(gathered, _default_shard() if shard in (None, True) else None)
+    vc_w = vc_w.to(var.device, var.dtype, non_blocking=True)
+    return inv_coeff * inv, var_coeff * (var * vc_w).sum(), cov_coeff * (cov * vc_w).sum()

@@ -2,14 +2,13 @@
 import pytest
 import torch
 
-from models.losses import (check_num_matches, global_loss, local_loss, match, off_diagonal_sq_sum,
-                           variance_covariance)
+from models.losses import check_num_matches, global_loss, local_loss, match, variance_covariance
 
 REL = 1e-9
 
 
 def _close(a, b, rel=REL):
-    a, b = torch.as_tensor(a, dtype=torch.float64).detach(), torch.as_tensor(b, dtype=torch.float64)
+    a, b = torch.as_tensor(a, dtype=torch.float64).detach(), torch.as_tensor(b, dtype=torch.float64).detach()
     scale = b.abs().max().clamp_min(1e-12)
     return float((a - b).abs().max() / scale) <= rel
 
@@ -60,14 +59,37 @@ def test_coefficients_scale_terms(data_dir):
     assert _close(scaled[2] / 3, base[2])
 
 
-@pytest.mark.parametrize("n,d", [(6, 40), (40, 6), (16, 16)])
-def test_off_diagonal_gram_and_covariance_forms_agree(n, d):
-    torch.manual_seed(0)
-    x = torch.randn(3, n, d, dtype=torch.float64)
+def _plain_vc(x):
+    """Textbook per-slot statistics through the D x D covariance matrix (float64)."""
     x = x - x.mean(1, keepdim=True)
-    cov = x.transpose(1, 2) @ x
-    expected = cov.pow(2).sum((1, 2)) - torch.diagonal(cov, dim1=1, dim2=2).pow(2).sum(1)
-    assert _close(off_diagonal_sq_sum(x, x.pow(2).sum(1)), expected, 1e-12)
+    n, d = x.shape[1], x.shape[2]
+    cov = x.transpose(1, 2) @ x / (n - 1)
+    off = cov.pow(2).sum((1, 2)) - torch.diagonal(cov, dim1=1, dim2=2).pow(2).sum(1)
+    var = torch.relu(1 - torch.sqrt(x.var(1) + 1e-4)).mean(1)
+    return var, off / d
+
+
+@pytest.mark.parametrize("n,d", [(6, 40), (40, 6), (16, 16)])
+def test_gram_and_covariance_forms_and_shards_equal_the_plain_formula(n, d):
+    torch.manual_seed(0)
+    x = (torch.randn(3, n, d, dtype=torch.float64) * 0.5 + 0.1).requires_grad_()
+    want_var, want_cov = _plain_vc(x)
+    want_grad = torch.autograd.grad((want_var * torch.tensor([1., 2., 3.])).sum() + (want_cov * 0.7).sum(), x)[0]
+    var, cov = variance_covariance(x)
+    assert _close(var, want_var, 1e-12) and _close(cov, want_cov, 1e-12)
+    for world in (1, 2, 3, 4):
+        # Shares are W times each process's part: their mean over processes is the value.
+        shares = [variance_covariance(x, (r, world)) for r in range(world)]
+        assert _close(sum(c for _, c in shares) / world, want_cov, 1e-12), world
+        loss = sum(((v * torch.tensor([1., 2., 3.])).sum() + (c * 0.7).sum()) / world for v, c in shares)
+        assert _close(torch.autograd.grad(loss, x)[0], want_grad, 1e-10), world
+
+
+@pytest.mark.parametrize("n,d,shard", [(5, 7, None), (7, 4, None), (5, 7, (1, 2)), (7, 4, (0, 3))])
+def test_variance_covariance_gradcheck(n, d, shard):
+    torch.manual_seed(0)
+    x = (torch.randn(2, n, d, dtype=torch.float64) * 0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: variance_covariance(t, shard), (x,))
 
 
 def test_variance_covariance_plain_definition():
