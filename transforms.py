@@ -232,8 +232,10 @@ def adjust_saturation_(x: torch.Tensor, factor) -> torch.Tensor:
 def adjust_hue_(x: torch.Tensor, shift) -> torch.Tensor:
     """Rotate the HSV hue by ``shift`` turns (in [−0.5, 0.5]), keeping HSV saturation and value.
 
-    Uses the closed form of HSV -> RGB: with V = max, C = max − min and hue h in sectors [0, 6),
-    channel n ∈ {R: 5, G: 3, B: 1} is V − C·clamp(min(k, 4 − k), 0, 1), k = (n + h) mod 6.
+    x: (..., 3, H, W); shift: a number, or a tensor (B, 1, 1, 1) for a batch (B, 3, H, W).
+    Uses the closed form of HSV -> RGB: with V = max, C = max − min and the hue h in sectors
+    [0, 6), channel c gets V − C·clamp(d − 1, 0, 1), d the circular distance from h to the
+    channel's own hue (R 0, G 2, B 4).
     """
     r, g, b = x.unbind(-3)
     maxc = torch.maximum(torch.maximum(r, g), b)  # (..., H, W)
@@ -242,12 +244,12 @@ def adjust_hue_(x: torch.Tensor, shift) -> torch.Tensor:
     hue = torch.where(maxc == r, g - b,
                       torch.where(maxc == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
     hue.div_(chroma.clamp(min=1e-12))
-    if isinstance(shift, torch.Tensor):
-        shift = shift.view(shift.shape[:-3] + (1, 1)) if shift.dim() >= 3 else shift
-    hue.add_(shift * 6.0)
-    offsets = x.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
-    k = torch.remainder(hue.unsqueeze(-3) + offsets, 6.0)  # (..., 3, H, W)
-    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    if isinstance(shift, torch.Tensor) and shift.dim() >= 3:
+        shift = shift.reshape(shift.shape[:-3] + (1, 1))  # (B, 1, 1, 1) -> (B, 1, 1)
+    hue = torch.remainder(hue.add_(shift * 6.0), 6.0)
+    centres = torch.tensor([0.0, 2.0, 4.0], dtype=x.dtype).view(3, 1, 1)
+    d = (hue.unsqueeze(-3) - centres).abs_()  # (..., 3, H, W) in [0, 6)
+    weight = torch.minimum(d - 1.0, d.neg_().add_(5.0)).clamp_(0.0, 1.0)  # min(d − 1, 5 − d)
     torch.sub(maxc.unsqueeze(-3), weight.mul_(chroma.unsqueeze(-3)), out=x)
     return x
 
@@ -297,20 +299,37 @@ def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     return out.transpose(-1, -2).reshape(batch, channels, height, width)
 
 
-def _jitter_(x: torch.Tensor, factors: Sequence[float], order: Sequence[int]) -> None:
-    """ColorJitter on one view (3, H, W) in place, operations in the sampled order."""
-    ops = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)
-    for op in order:
-        ops[op](x, factors[op])
+def _jitter_(x: torch.Tensor, params: Sequence[ViewParams]) -> None:
+    """ColorJitter of a batch (B, 3, H, W) in place, each view in its own sampled order.
+
+    Step t applies every view's t-th operation: the cheap blends view by view, in place; the
+    hue rotations (the costly operation) together for all views doing it at step t.
+    """
+    blends = (adjust_brightness_, adjust_contrast_, adjust_saturation_)
+    jittered = [b for b, p in enumerate(params) if p.jitter is not None]
+    for step in range(4):
+        hue_views = []
+        for b in jittered:
+            op = params[b].order[step]
+            if op == 3:
+                hue_views.append(b)
+            else:
+                blends[op](x[b], params[b].jitter[op])
+        if not hue_views:
+            continue
+        shifts = torch.tensor([params[b].jitter[3] for b in hue_views], dtype=x.dtype).view(-1, 1, 1, 1)
+        if len(hue_views) == len(x):
+            adjust_hue_(x, shifts)
+        else:
+            x[hue_views] = adjust_hue_(x[hue_views], shifts)
 
 
 def distort_colours_(x: torch.Tensor, params: Sequence[ViewParams]) -> torch.Tensor:
     """Colour distortion of a batch of same-size views (B, 3, H, W) in [0, 1], in the reference's
     order: jitter, grayscale, blur, solarize. Returns the distorted batch (possibly a new tensor).
     """
+    _jitter_(x, params)
     for view, p in zip(x, params):  # views of x: the per-view operations write into x
-        if p.jitter is not None:
-            _jitter_(view, p.jitter, p.order)
         if p.gray:
             to_grayscale_(view)
     blurred = [b for b, p in enumerate(params) if p.blur_sigma is not None]
