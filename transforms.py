@@ -141,6 +141,21 @@ def default_grid_size(size: int, stride: int = 32) -> int:
     return size // stride
 
 
+def check_grid_sizes(size_crops: Sequence[int], grid_sizes: Sequence[int],
+                     map_sides: Sequence[int], arch: str = "the backbone") -> None:
+    """Fail clearly when the location grids do not match the backbone's feature maps.
+
+    map_sides[g] is the side of the backbone's last feature map for a crop of size_crops[g]
+    (e.g. measured with one forward pass of a zero image). The local loss pairs grid cells
+    with map positions one to one, so each N² must equal the map's H·W.
+    """
+    for size, n, side in zip(size_crops, grid_sizes, map_sides):
+        if n != side:
+            raise ValueError(f"--size-crops {size}: {arch} gives a {side}x{side} feature map but "
+                             f"the location grid is {n}x{n}; pass grid_sizes={list(map_sides)} "
+                             f"or choose crop sizes that are multiples of 32")
+
+
 # --------------------------------------------------------------------------------------------
 # Per-view random parameters
 # --------------------------------------------------------------------------------------------

@@ -78,6 +78,13 @@ def test_default_grid_size_is_stride_32():
         tr.default_grid_size(16)
 
 
+def test_check_grid_sizes_names_the_mismatch():
+    tr.check_grid_sizes([224, 96], [7, 3], [7, 3])
+    # ResNet's padded convolutions round up: a 100 px crop gives a 4×4 map, not 100 // 32 = 3.
+    with pytest.raises(ValueError, match=r"--size-crops 100: resnet50 gives a 4x4 .* 3x3"):
+        tr.check_grid_sizes([224, 100], [7, 3], [7, 4], arch="resnet50")
+
+
 # ------------------------------------------------------------------------------------------
 # Crop sampling
 # ------------------------------------------------------------------------------------------
