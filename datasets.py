@@ -18,6 +18,7 @@ image files are skipped (the next readable sample takes their place) with a coun
 ``build_loader`` wraps a dataset in a DataLoader with a DistributedSampler, splitting the
 global batch over the processes.
 """
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -393,19 +394,21 @@ DATASET_NAMES = ("imagenet1k", "imagefolder", "folder", "builtin")
 
 
 def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable] = None,
-                  from_numpy: bool = False, **builtin_kwargs) -> Dataset:
+                  from_numpy: bool = False, num_images: Optional[int] = None, image_size: int = 64,
+                  num_classes: int = 10, seed: int = 0) -> Dataset:
     """The dataset ``name`` (see the module docstring) for ``split`` ("train" or "val").
 
-    ``builtin_kwargs`` (num_images, image_size, num_classes, seed, max_objects) go to
-    ``BuiltinDataset``. Errors for a missing or empty ``data_dir`` are raised here, before any
-    model is built. The dataset's ``num_classes`` tells the classifier's width (0: no labels).
+    num_images, image_size, num_classes and seed configure the builtin dataset and are ignored by
+    the others. Errors for a missing or empty ``data_dir`` are raised here, before any model is
+    built. The dataset's ``num_classes`` gives the classifier's width (0: no labels).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "builtin":
-        return BuiltinDataset(split=split, transform=transform, **builtin_kwargs)
-    if builtin_kwargs:
-        raise TypeError(f"{sorted(builtin_kwargs)} only apply to the builtin dataset")
+        return BuiltinDataset(split=split, num_images=num_images, image_size=image_size,
+                              num_classes=num_classes, seed=seed, transform=transform)
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if data_dir is None:
         raise ValueError(f"--dataset {name} needs --data-dir")
     data_dir = Path(data_dir)
@@ -414,11 +417,9 @@ def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable]
             return NumpyListDataset(data_dir, split, transform)
         _require_dir(data_dir, f"the ImageNet layout {data_dir}/{split}/<class>/<image>.jpg")
         return ImageFolderDataset(data_dir / split, transform)
-    if name == "folder":
-        _require_dir(data_dir, f"a folder of images such as {data_dir}/<image>.jpg")
-        root = data_dir / split if (data_dir / split).is_dir() else data_dir
-        return UnlabelledFolderDataset(root, transform)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    _require_dir(data_dir, f"a folder of images such as {data_dir}/<image>.jpg")
+    root = data_dir / split if (data_dir / split).is_dir() else data_dir
+    return UnlabelledFolderDataset(root, transform)
 
 
 def per_process_batch(batch_size: int, world_size: int) -> int:
@@ -429,21 +430,42 @@ def per_process_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start after its first samples, to resume a run in
+    the middle of an epoch without loading the batches it already did."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use the order of ``epoch`` and leave out its first ``skip`` samples (this epoch only)."""
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
 def build_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0,
                  train: bool = True, num_workers: int = 0, pin_memory: Optional[bool] = None,
-                 seed: int = 0, collate_fn: Optional[Callable] = None
-                 ) -> Tuple[DataLoader, DistributedSampler]:
-    """DataLoader over this process's share of ``dataset``; returns (loader, sampler).
+                 seed: int = 0, collate_fn: Optional[Callable] = None) -> DataLoader:
+    """DataLoader over this process's share of ``dataset``; its sampler is ``loader.sampler``.
 
-    batch_size is the global batch: each process loads batch_size // world_size samples a step.
-    Training shuffles (call ``sampler.set_epoch(epoch)`` every epoch, so the order changes) and
-    drops the last incomplete batch; validation keeps order and every sample. The shuffling and
-    the workers' random augmentations are deterministic for a given seed. Memory is pinned by
-    default when CUDA is available; workers persist across epochs.
+    batch_size is the global batch: each process loads batch_size // world_size samples a step
+    (a ValueError names --batch-size when it does not divide). Training shuffles and drops the
+    last incomplete batch; validation keeps order and every sample. Call
+    ``epoch_iterator(loader, epoch)`` (or ``loader.sampler.set_epoch(epoch)``) every epoch so
+    that the order changes. The shuffling and the workers' random augmentations are
+    deterministic for a given seed. Memory is pinned by default when CUDA is available;
+    workers persist across epochs.
     """
     local_batch = per_process_batch(batch_size, world_size)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
-                                 seed=seed)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                          shuffle=train, seed=seed)
     if train and len(sampler) < local_batch:
         raise ValueError(f"the dataset has {len(dataset)} samples, {len(sampler)} per process: "
                          f"not one full batch of {local_batch} (--batch-size {batch_size} over "
@@ -451,9 +473,15 @@ def build_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: i
     # Seeds the workers' RNGs (torch's, Python's) from (seed, rank): reproducible augmentations.
     generator = torch.Generator()
     generator.manual_seed(seed * 1000 + rank)
-    loader = DataLoader(
+    return DataLoader(
         dataset, batch_size=local_batch, sampler=sampler, num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=train, persistent_workers=num_workers > 0, collate_fn=collate_fn,
         generator=generator)
-    return loader, sampler
+
+
+def epoch_iterator(loader: DataLoader, epoch: int, skip: int = 0):
+    """Iterator over the batches of ``epoch``, starting after its first ``skip`` batches (already
+    done before a restart); the skipped images are not loaded."""
+    loader.sampler.set_epoch(epoch, skip * loader.batch_size)
+    return iter(loader)

@@ -272,34 +272,43 @@ def test_loader_splits_the_global_batch_over_processes():
     data = datasets.BuiltinDataset(num_images=30, image_size=16, transform=to_tensor)
     seen = []
     for rank in range(2):
-        loader, sampler = datasets.build_loader(data, 8, world_size=2, rank=rank, train=True, seed=3,
-                                                pin_memory=False)
-        sampler.set_epoch(0)
-        batches = list(loader)
+        loader = datasets.build_loader(data, 8, world_size=2, rank=rank, train=True, seed=3,
+                                       pin_memory=False)
+        batches = list(datasets.epoch_iterator(loader, 0))
         assert len(batches) == 3  # 15 samples per process, 4 per batch, last one dropped
         assert all(images.shape == (4, 3, 16, 16) and labels.shape == (4,) for images, labels in batches)
-        seen.append(list(sampler))
+        seen.append(list(loader.sampler))
     assert not set(seen[0]) & set(seen[1])  # the two processes see different samples
     # Deterministic order for a seed and epoch; a new epoch reshuffles.
-    again, sampler = datasets.build_loader(data, 8, world_size=2, rank=0, seed=3)
+    sampler = datasets.build_loader(data, 8, world_size=2, rank=0, seed=3).sampler
     sampler.set_epoch(0)
     assert list(sampler) == seen[0]
     sampler.set_epoch(1)
     assert list(sampler) != seen[0]
 
 
+def test_epoch_iterator_resumes_mid_epoch():
+    data = datasets.BuiltinDataset(num_images=20, image_size=16, transform=to_tensor)
+    loader = datasets.build_loader(data, 4, seed=1, pin_memory=False)
+    full = [labels for _, labels in datasets.epoch_iterator(loader, 2)]
+    resumed = [labels for _, labels in datasets.epoch_iterator(loader, 2, skip=3)]
+    assert len(full) == 5 and len(resumed) == 2
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))
+    assert len(list(datasets.epoch_iterator(loader, 3))) == 5  # the skip applies to one epoch
+
+
 def test_validation_loader_keeps_order_and_every_sample():
     data = datasets.BuiltinDataset("val", num_images=10, image_size=16, transform=to_tensor)
-    loader, sampler = datasets.build_loader(data, 4, train=False, pin_memory=False)
+    loader = datasets.build_loader(data, 4, train=False, pin_memory=False)
     labels = torch.cat([y for _, y in loader])
-    assert list(sampler) == list(range(10)) and len(labels) == 10
+    assert list(loader.sampler) == list(range(10)) and len(labels) == 10
     assert labels.tolist() == [data.sample(i)[2] for i in range(10)]
 
 
 def test_loader_collates_multi_crop_samples_with_workers():
     transform = tr.MultiCropTrainDataTransform([32, 16], [2, 3], grid_sizes=[2, 1])
     data = datasets.BuiltinDataset(num_images=8, image_size=32, transform=transform)
-    loader, _ = datasets.build_loader(data, 4, num_workers=1, seed=0, pin_memory=False)
+    loader = datasets.build_loader(data, 4, num_workers=1, seed=0, pin_memory=False)
     assert loader.persistent_workers
     (views, locations), labels = next(iter(loader))
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
