@@ -395,18 +395,19 @@ DATASET_NAMES = ("imagenet1k", "imagefolder", "folder", "builtin")
 
 def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable] = None,
                   from_numpy: bool = False, num_images: Optional[int] = None, image_size: int = 64,
-                  num_classes: int = 10, seed: int = 0) -> Dataset:
+                  num_classes: int = 10, seed: int = 0, max_objects: int = 4) -> Dataset:
     """The dataset ``name`` (see the module docstring) for ``split`` ("train" or "val").
 
-    num_images, image_size, num_classes and seed configure the builtin dataset and are ignored by
-    the others. Errors for a missing or empty ``data_dir`` are raised here, before any model is
+    num_images, image_size, num_classes, seed and max_objects (1 makes single-object, easier
+    scenes) configure the builtin dataset and are ignored by the others. Errors for a missing or empty ``data_dir`` are raised here, before any model is
     built. The dataset's ``num_classes`` gives the classifier's width (0: no labels).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "builtin":
         return BuiltinDataset(split=split, num_images=num_images, image_size=image_size,
-                              num_classes=num_classes, seed=seed, transform=transform)
+                              num_classes=num_classes, seed=seed, transform=transform,
+                              max_objects=max_objects)
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if data_dir is None:
