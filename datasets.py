@@ -20,6 +20,7 @@ global batch over the processes.
 """
 import itertools
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -433,11 +434,14 @@ def per_process_batch(batch_size: int, world_size: int) -> int:
 
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler whose epoch can start after its first samples, to resume a run in
-    the middle of an epoch without loading the batches it already did."""
+    the middle of an epoch without loading the batches it already did.
 
-    def __init__(self, *args, **kwargs):
+    With ``with_epoch`` it yields ``(epoch, index)`` pairs, for ``EpochSeededDataset``."""
+
+    def __init__(self, *args, with_epoch: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.skip = 0
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Use the order of ``epoch`` and leave out its first ``skip`` samples (this epoch only)."""
@@ -445,10 +449,45 @@ class ResumableDistributedSampler(DistributedSampler):
         self.skip = skip
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        indices = itertools.islice(super().__iter__(), self.skip, None)
+        if self.with_epoch:
+            epoch = self.epoch
+            return ((epoch, i) for i in indices)
+        return indices
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.skip)
+
+
+class EpochSeededDataset(Dataset):
+    """Makes every random augmentation a function of (seed, epoch, index) alone.
+
+    Before loading sample ``index`` of ``epoch`` it seeds torch's CPU generator, ``random`` and
+    NumPy's global generator from that triple. The views of an image then no longer depend on
+    which worker loads it, on how many workers there are, or on what ran before: a run resumed
+    from a checkpoint (even mid-epoch, even with persistent workers) sees exactly the crops the
+    uninterrupted run saw. Indices are the ``(epoch, index)`` pairs of a
+    ``ResumableDistributedSampler(with_epoch=True)``; attributes pass through to the dataset.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name in ("dataset", "seed"):  # not set yet (unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2, dtype=np.uint32)
+        torch.random.default_generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+        random.seed(int(state[0]))
+        np.random.seed(int(state[1]))
+        return self.dataset[index]
 
 
 def build_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0,
@@ -466,12 +505,15 @@ def build_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: i
     """
     local_batch = per_process_batch(batch_size, world_size)
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                          shuffle=train, seed=seed)
+                                          shuffle=train, seed=seed, with_epoch=train)
+    if train:  # augmentations as a function of (seed, epoch, index): exact resumes
+        dataset = EpochSeededDataset(dataset, seed)
     if train and len(sampler) < local_batch:
         raise ValueError(f"the dataset has {len(dataset)} samples, {len(sampler)} per process: "
                          f"not one full batch of {local_batch} (--batch-size {batch_size} over "
                          f"{world_size} process(es))")
-    # Seeds the workers' RNGs (torch's, Python's) from (seed, rank): reproducible augmentations.
+    # Training samples are seeded one by one (EpochSeededDataset); this seeds what is left, such
+    # as the workers' initial state.
     generator = torch.Generator()
     generator.manual_seed(seed * 1000 + rank)
     return DataLoader(

@@ -314,3 +314,24 @@ def test_loader_collates_multi_crop_samples_with_workers():
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
     assert [tuple(g.shape) for g in locations] == [(4, 2, 2, 2)] * 2 + [(4, 1, 1, 2)] * 3
     assert labels.shape == (4,)
+
+
+def _views_loader(num_workers, seed=3):
+    tf = tr.MultiCropTrainDataTransform(size_crops=[32, 16], num_crops=[2, 2], min_scale_crops=[0.4, 0.1],
+                                     max_scale_crops=[1, 0.4], grid_sizes=[4, 2])
+    ds = datasets.BuiltinDataset("train", num_images=24, image_size=32, transform=tf)
+    return datasets.build_loader(ds, 8, train=True, num_workers=num_workers, seed=seed)
+
+
+def test_training_views_depend_only_on_seed_epoch_and_index():
+    """Resumed runs see exactly the crops of the uninterrupted run, whatever the workers."""
+    full = [b for b in datasets.epoch_iterator(_views_loader(0), epoch=1)]
+    torch.manual_seed(123)  # unrelated global state must not matter
+    resumed = [b for b in datasets.epoch_iterator(_views_loader(2), epoch=1, skip=1)]
+    assert len(full) == 3 and len(resumed) == 2
+    for (a, la), (b, lb) in zip(full[1:], resumed):
+        assert torch.equal(la, lb)
+        for va, vb in zip(a[0] + a[1], b[0] + b[1]):
+            assert torch.equal(va, vb)
+    other_epoch = next(iter(datasets.epoch_iterator(_views_loader(0), epoch=2)))
+    assert not torch.equal(other_epoch[0][0][0], full[0][0][0][0])
