@@ -1,0 +1,539 @@
+"""VICRegL pretraining: one plain process on a CPU, torchrun on a GPU node, or SLURM (run_with_submitit.py).
+
+    python main_vicregl.py --dataset builtin --arch resnet_test --exp-dir exp/demo ...
+    torchrun --nproc_per_node=8 main_vicregl.py --fp16 --data-dir /path/to/imagenet --exp-dir exp/r50 ...
+
+Reads top to bottom: arguments and their checks, data, model, optimiser, resume, loop. Rank 0 writes
+``exp_dir/stats.txt`` (the command line, then JSON lines), ``exp_dir/model.pth`` (training state,
+written atomically, resumed automatically) and, at the end, ``exp_dir/backbone.pth`` (plain keys,
+loadable with strict=True by hubconf.py and evaluate.py).
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import datasets
+import models
+import transforms
+import utils
+from models.checkpoints import CheckpointError, read_checkpoint
+from models.losses import check_num_matches
+from models.vicregl import VICRegL, VICRegLConfig, parse_mlp
+from utils import UserError
+
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "lars": 1e-6}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("VICRegL pretraining", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--exp-dir", type=Path, default=Path("./exp"),
+                   help="folder for stats.txt, model.pth (resumed automatically) and backbone.pth")
+    g.add_argument("--log-tensors-interval", type=int, default=60,
+                   help="seconds between two JSON log lines in stats.txt and on stdout")
+    g.add_argument("--checkpoint-freq", type=int, default=1, help="save model.pth every this many epochs")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of every random choice (data order, crops, initialisation): a run and its "
+                        "resumed continuation see the same random numbers")
+    g.add_argument("--device", default="auto",
+                   help="'auto' (cuda when available, else cpu), 'cuda' or 'cpu'")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="imagenet1k", choices=["imagenet1k", "folder", "builtin"],
+                   help="imagenet1k: train/ and val/ class folders under --data-dir; folder: a folder of "
+                        "images without labels; builtin: the procedural dataset (no download)")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="dataset root; defaults to $IMAGENET_PATH (or $IMAGENET_NUMPY_PATH with "
+                        "--dataset_from_numpy), where the reference hard-coded its cluster paths")
+    g.add_argument("--dataset_from_numpy", action="store_true",
+                   help="read train_images.npy (paths) and train_labels.npy under --data-dir")
+    g.add_argument("--builtin-images", type=int, default=4096,
+                   help="number of training images of --dataset builtin")
+    g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
+    g.add_argument("--size-crops", type=int, nargs="+", default=[224, 96],
+                   help="side of the crops of each group (large crops first)")
+    g.add_argument("--num-crops", type=int, nargs="+", default=[2, 6], help="number of crops of each group")
+    g.add_argument("--min_scale_crops", type=float, nargs="+", default=[0.4, 0.08],
+                   help="smallest area fraction of each group's crops")
+    g.add_argument("--max_scale_crops", type=float, nargs="+", default=[1, 0.4],
+                   help="largest area fraction of each group's crops")
+    g.add_argument("--no-flip-grid", type=int, default=1,
+                   help="1: keep the location grid of a flipped crop unflipped (what the published "
+                        "models used); 0: mirror it with the crop")
+    g.add_argument("--num-workers", type=int, default=10, help="data-loading processes per GPU/process")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="convnext_small",
+                   help=f"backbone: one of {', '.join(models.available_archs())}")
+    g.add_argument("--drop-path-rate", type=float, default=0.1, help="ConvNeXt stochastic depth rate")
+    g.add_argument("--layer-scale-init-value", type=float, default=0.0,
+                   help="ConvNeXt layer scale (0: none, as the published models)")
+    g.add_argument("--small-input", action="store_true",
+                   help="ResNet with a 3x3 stride-1 stem and no max-pool, for 32-pixel images "
+                        "(a 32-pixel crop then gives a 4x4 map)")
+    g.add_argument("--mlp", default="8192-8192-8192", help="global expander widths")
+    g.add_argument("--maps-mlp", default="512-512-512", help="local (per position) expander widths")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--alpha", type=float, default=0.75,
+                   help="weight of the global loss; the local loss gets 1 - alpha")
+    g.add_argument("--num_matches", type=int, nargs=2, default=[20, 4],
+                   help="positions kept by location matching: from the first view of a pair, and back")
+    g.add_argument("--l2_all_matches", type=int, default=1,
+                   help="1: feature-space matching keeps every position; 0: it keeps --num_matches")
+    g.add_argument("--inv-coeff", type=float, default=25.0, help="invariance coefficient")
+    g.add_argument("--var-coeff", type=float, default=25.0, help="variance coefficient")
+    g.add_argument("--cov-coeff", type=float, default=1.0, help="covariance coefficient")
+    g.add_argument("--fast-vc-reg", type=int, default=0,
+                   help="1: local variance/covariance once per view instead of per matched pair")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="epochs of linear learning-rate warmup")
+    g.add_argument("--batch-size", type=int, default=512,
+                   help="global batch size (split evenly over the processes)")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"], help="optimiser")
+    g.add_argument("--base-lr", type=float, default=0.0005,
+                   help="learning rate for a batch of 256 (scaled linearly with --batch-size)")
+    g.add_argument("--end-lr-ratio", type=float, default=0.001,
+                   help="final learning rate as a fraction of the peak")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay (default 0.05 for adamw, 1e-6 for lars)")
+    g.add_argument("--maps-lr-ratio", type=float, default=0.1,
+                   help="kept for compatibility; it had no effect in the reference and has none here")
+    g.add_argument("--fp16", action="store_true",
+                   help="mixed precision: float16 with a gradient scaler on CUDA, bfloat16 on CPU")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--val-batch-size", type=int, default=-1, help="validation batch (-1: --batch-size)")
+    g.add_argument("--evaluate", action="store_true",
+                   help="evaluate the online linear probe on the validation split every --eval-freq epochs")
+    g.add_argument("--evaluate-only", action="store_true", help="evaluate the saved model.pth and exit")
+    g.add_argument("--eval-freq", type=int, default=10, help="epochs between validations")
+
+    g = p.add_argument_group("distributed")
+    g.add_argument("--world-size", type=int, default=1,
+                   help="kept for compatibility: the world size comes from the launcher")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                   help="set by torch.distributed.launch; torchrun uses LOCAL_RANK instead")
+    g.add_argument("--dist-url", default="env://", help="rendezvous URL of the process group")
+    return p
+
+
+# ----------------------------------------------------------------------------- checks
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived defaults (weight decay, data dir, val batch) in place."""
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    if args.data_dir is None and args.dataset != "builtin":
+        env = "IMAGENET_NUMPY_PATH" if args.dataset_from_numpy else "IMAGENET_PATH"
+        if os.environ.get(env):
+            args.data_dir = Path(os.environ[env])
+    if args.val_batch_size == -1:
+        args.val_batch_size = args.batch_size
+    return args
+
+
+def crop_grid_sizes(args) -> List[int]:
+    """Side of the location grid of each crop group = side of the backbone's map for that crop."""
+    return [models.map_size(args.arch, s, small_input=args.small_input) for s in args.size_crops]
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Every configuration error, found before any work starts, naming the flag."""
+    try:
+        models.backbone_family(args.arch)
+        parse_mlp(args.mlp, "--mlp")
+        parse_mlp(args.maps_mlp, "--maps-mlp")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    groups = {"--size-crops": args.size_crops, "--num-crops": args.num_crops,
+              "--min_scale_crops": args.min_scale_crops, "--max_scale_crops": args.max_scale_crops}
+    if len({len(v) for v in groups.values()}) != 1:
+        raise UserError("--size-crops, --num-crops, --min_scale_crops and --max_scale_crops need one value "
+                        "per crop group; got " + ", ".join(f"{k} {v}" for k, v in groups.items()))
+    if sum(args.num_crops) < 2 or min(args.num_crops) < 1:
+        raise UserError(f"--num-crops {args.num_crops}: every group needs a crop and the two first crops "
+                        f"are the pair of large views, so at least 2 crops in all")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    for flag, value in (("--batch-size", args.batch_size), ("--val-batch-size", args.val_batch_size)):
+        if value < 1 or value % world_size:
+            raise UserError(f"{flag} {value} must be a positive multiple of the number of processes "
+                            f"({world_size})")
+    if args.epochs < 1 or args.warmup_epochs < 0:
+        raise UserError(f"--epochs must be >= 1 and --warmup-epochs >= 0 (got {args.epochs}, {args.warmup_epochs})")
+    if args.small_input and models.backbone_family(args.arch) != "resnet":
+        raise UserError("--small-input applies to ResNet backbones only")
+    sides = crop_grid_sizes(args)
+    for size, side in zip(args.size_crops, sides):
+        if side < 1:
+            raise UserError(f"--size-crops {size} is too small for --arch {args.arch}: its feature map "
+                            f"would be empty")
+    if args.alpha < 1:
+        positions = [side * side for side, n in zip(sides, args.num_crops) for _ in range(n)]
+        try:
+            check_num_matches(positions, args.num_matches)
+        except ValueError as e:
+            raise UserError(f"{e}; crop sizes {args.size_crops} give {sides} grids for --arch {args.arch}") from None
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def build_data(args, info: utils.DistInfo, split: str):
+    sides = crop_grid_sizes(args)
+    kw = dict(size_crops=args.size_crops, num_crops=args.num_crops, min_scale_crops=args.min_scale_crops,
+              max_scale_crops=args.max_scale_crops, no_flip_grid=bool(args.no_flip_grid), grid_sizes=sides)
+    try:
+        tf = (transforms.MultiCropTrainDataTransform(**kw) if split == "train"
+              else transforms.MultiCropValDataTransform(**kw))
+        dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf,
+                                         from_numpy=args.dataset_from_numpy,
+                                         num_images=args.builtin_images if split == "train" else None,
+                                         image_size=args.builtin_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    batch = args.batch_size if split == "train" else args.val_batch_size
+    if split == "train" and len(dataset) < batch:
+        raise UserError(f"--batch-size {batch} is larger than the training set ({len(dataset)} images)")
+    loader = datasets.build_loader(dataset, batch, info.world_size, info.rank, train=split == "train",
+                                   num_workers=args.num_workers, seed=args.seed,
+                                   pin_memory=info.device.type == "cuda")
+    return dataset, loader
+
+
+def build_model(args, num_classes: int, device: torch.device) -> VICRegL:
+    bk = models.backbone_kwargs(args.arch, drop_path_rate=args.drop_path_rate,
+                                layer_scale_init_value=args.layer_scale_init_value,
+                                zero_init_residual=True, small_input=args.small_input)
+    cfg = VICRegLConfig(arch=args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, alpha=args.alpha,
+                        num_classes=num_classes, num_matches=tuple(args.num_matches),
+                        l2_all_matches=bool(args.l2_all_matches), inv_coeff=args.inv_coeff,
+                        var_coeff=args.var_coeff, cov_coeff=args.cov_coeff, fast_vc_reg=bool(args.fast_vc_reg),
+                        backbone_kwargs=bk)
+    return VICRegL(cfg).to(device)
+
+
+def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    # lr is set by the schedule at every step.
+    if args.optimizer == "lars":
+        return utils.LARS(model.parameters(), lr=0.0, weight_decay=args.weight_decay)
+    groups = utils.param_groups_weight_decay(model.named_parameters(), args.weight_decay)
+    return torch.optim.AdamW(groups, lr=0.0)
+
+
+def precision(args, device: torch.device):
+    """(autocast context factory, gradient scaler or None)."""
+    if not args.fp16:
+        return nullcontext, None
+    if device.type == "cuda":
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def with_module_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys as DDP writes them, also without DDP, so files interchange with the reference's."""
+    return {k if k.startswith("module.") else f"module.{k}": v for k, v in sd.items()}
+
+
+def load_resume_state(path: Path, args) -> Optional[dict]:
+    """Read exp_dir/model.pth if present; any problem is a UserError that leaves the file untouched."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = read_checkpoint(str(path))
+    except CheckpointError as e:
+        raise UserError(f"{e}\nThe file was left untouched: move it away to start afresh, or point "
+                        f"--exp-dir elsewhere.") from None
+    saved_arch = (ckpt.get("args") or {}).get("arch")
+    if saved_arch is not None and saved_arch != args.arch:
+        raise UserError(f"{path} was written by a --arch {saved_arch} run, not --arch {args.arch}; "
+                        f"it was left untouched: use another --exp-dir or the same --arch")
+    if "model" not in ckpt or "epoch" not in ckpt:
+        raise UserError(f"{path} is not a VICRegL training checkpoint (no 'model'/'epoch' entries); "
+                        f"it was left untouched")
+    return ckpt
+
+
+def restore(ckpt: dict, model: nn.Module, optimizer, scaler, path: Path) -> None:
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(sd, strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} does not fit this model (another --arch, --mlp, --maps-mlp, --alpha, "
+                        f"--optimizer or dataset?): {str(e).splitlines()[0]}. The file was left untouched.") from None
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Logger:
+    """JSON lines to exp_dir/stats.txt and stdout on rank 0; a progress line on terminals."""
+
+    def __init__(self, exp_dir: Path, enabled: bool, start_time: float):
+        self.enabled, self.start = enabled, start_time
+        self.path = exp_dir / "stats.txt"
+        self.tty = enabled and sys.stdout.isatty()
+        if enabled:
+            with open(self.path, "a") as f:
+                print(" ".join(sys.argv), file=f)
+
+    def log(self, stats: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        line = prefix + json.dumps(stats)
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            print(line, file=f)
+
+    def progress(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\r\033[K" + text)
+            sys.stdout.flush()
+
+
+def format_stats(epoch: int, step: int, lr: float, elapsed: float, logs: Dict[str, torch.Tensor]) -> dict:
+    stats = {"ep": epoch, "st": step, "lr": lr, "t": f"{int(elapsed):09d}"}
+    for k, v in logs.items():
+        v = float(v)
+        stats[k] = round(v, 4) if k.startswith("top") else round(v, 6)
+    return stats
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption, timeouts, Ctrl-C of torchrun) ask the loop to checkpoint
+    the current step and exit; the loop polls ``requested`` between steps."""
+
+    def __init__(self):
+        self.flag = False
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag, self.signum = True, signum
+
+    def requested(self, step: int, device: torch.device) -> bool:
+        if not utils.is_dist():
+            return self.flag
+        if step % 10:  # a collective every 10 steps: all processes stop at the same step
+            return False
+        t = torch.tensor([float(self.flag)], device=device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def check_pending(pending, current):
+    """Check the previous step's loss (already computed by now), keep the current one for later."""
+    if pending is not None:
+        check_finite(*pending)
+    return current
+
+
+def check_finite(step: int, loss: torch.Tensor, logs: Dict[str, torch.Tensor]) -> None:
+    if not torch.isfinite(loss):
+        bad = [k for k, v in logs.items() if not torch.isfinite(v)]
+        raise NonFiniteLoss(f"the loss became {float(loss)} at step {step} (non-finite terms: "
+                            f"{', '.join(bad) or 'none logged'}); stopping. The last good checkpoint "
+                            f"was kept. Try a lower --base-lr, or run without --fp16 to investigate")
+
+
+# ----------------------------------------------------------------------------- loop
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A per-(process, step) seed: model randomness (drop path) replays exactly after a resume."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2 ** 63)
+
+
+def to_device(batch, device):
+    (views, locations), labels = batch
+    nb = device.type == "cuda"
+    views = [v.to(device, non_blocking=nb) for v in views]
+    locations = [g.to(device, non_blocking=nb) for g in locations]
+    return views, locations, labels.to(device, non_blocking=nb)
+
+
+def train(args) -> None:
+    info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
+    main_proc = info.rank == 0
+    check_args(args, info.world_size)
+    start = time.time()
+
+    # data (before the model: a missing folder fails in a second, not after building a large net)
+    train_set, train_loader = build_data(args, info, "train")
+    val_loader = build_data(args, info, "val")[1] if (args.evaluate or args.evaluate_only) else None
+    num_classes = getattr(train_set, "num_classes", 0)
+
+    ckpt_path = args.exp_dir / "model.pth"
+    ckpt = load_resume_state(ckpt_path, args)  # a bad file fails here, before the model is built
+
+    # model
+    torch.manual_seed(args.seed)
+    model = build_model(args, num_classes, info.device)
+    if info.world_size > 1 and info.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(args, model)
+    autocast, scaler = precision(args, info.device)
+
+    # resume
+    start_epoch, start_step = 0, 0
+    if ckpt is not None:
+        restore(ckpt, model, optimizer, scaler, ckpt_path)
+        start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda"
+                                               else None) if info.world_size > 1 else model)
+    if main_proc:
+        args.exp_dir.mkdir(parents=True, exist_ok=True)
+    logger = Logger(args.exp_dir, main_proc, start)
+    if main_proc and ckpt is not None:
+        print(f"resuming from {ckpt_path}: epoch {start_epoch}, step {start_step} of that epoch", flush=True)
+
+    if args.evaluate_only:
+        if ckpt is None:
+            raise UserError(f"--evaluate-only needs a trained model: {ckpt_path} does not exist")
+        logger.log({"ep": start_epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
+        return
+
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * len(train_set) // args.batch_size
+    warmup_steps = args.warmup_epochs * len(train_set) // args.batch_size
+    stop = StopSignal()
+    last_log, pending = time.time(), None
+    images_per_step = args.batch_size
+    for epoch in range(start_epoch, args.epochs):
+        ddp.train()
+        skip = start_step if epoch == start_epoch else 0
+        loader_iter = datasets.epoch_iterator(train_loader, epoch, skip)
+        t_epoch, done = time.time(), 0
+        for i, batch in enumerate(loader_iter, start=skip):
+            step = epoch * steps_per_epoch + i
+            lr = utils.learning_schedule(step, args.batch_size, args.base_lr, args.end_lr_ratio,
+                                         total_steps, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            views, locations, labels = to_device(batch, info.device)
+            last_step = i == steps_per_epoch - 1
+            log_now = last_step or time.time() - last_log >= args.log_tensors_interval
+            torch.manual_seed(step_seed(args.seed, info.rank, step))
+            with autocast():
+                loss, logs = ddp(views, locations, labels if num_classes else None, metrics=log_now)
+            if info.device.type == "cpu":
+                check_finite(step, loss.detach(), logs)  # free on CPU: before the update
+            else:  # on GPUs, the previous step's loss: no host synchronisation in this step
+                pending = check_pending(pending, (step, loss.detach(), logs))
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            done += 1
+            if log_now:
+                logs = {k: utils.all_reduce_mean(v) for k, v in logs.items()}
+                logger.log(format_stats(epoch, step, lr, time.time() - start, logs))
+                last_log = time.time()
+            if logger.tty:
+                rate = done * images_per_step / (time.time() - t_epoch)
+                left = (steps_per_epoch - i - 1 + (args.epochs - epoch - 1) * steps_per_epoch) \
+                    * images_per_step / max(rate, 1e-9)
+                logger.progress(f"ep {epoch} step {i + 1}/{steps_per_epoch} | {rate:.1f} img/s | "
+                                f"loss {float(loss):.4f} | left {_hms(left)}")
+            if stop.requested(step, info.device):
+                check_pending(pending, None)
+                save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc)
+                if main_proc:
+                    print(f"\nsignal {stop.signum}: checkpoint saved at epoch {epoch}, step {i + 1}; exiting",
+                          flush=True)
+                sys.exit(0)
+        next_epoch = epoch + 1
+        pending = check_pending(pending, None)  # never save weights that a bad step touched
+        if next_epoch % args.checkpoint_freq == 0 or next_epoch == args.epochs:
+            save_checkpoint(ckpt_path, model, optimizer, scaler, args, next_epoch, 0, main_proc)
+        if val_loader is not None and args.evaluate and next_epoch % args.eval_freq == 0:
+            logger.log({"ep": epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
+    if main_proc:
+        utils.save_atomic(model.backbone.state_dict(), str(args.exp_dir / "backbone.pth"))
+        if logger.tty:
+            print()
+        print(f"done: {args.exp_dir / 'backbone.pth'} ({_hms(time.time() - start)})", flush=True)
+
+
+def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,
+                    main_proc: bool) -> None:
+    """model.pth: reference keys (epoch, model with module., optimizer) plus scaler, step, args."""
+    if main_proc:
+        state = dict(epoch=epoch, step_in_epoch=step_in_epoch, model=with_module_prefix(model.state_dict()),
+                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                     args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+        utils.save_atomic(state, str(path))
+    utils.barrier()
+
+
+@torch.no_grad()
+def validate(model: VICRegL, loader, device, autocast) -> Dict[str, float]:
+    """Online probe on the validation split's centre crops: mean loss, top-1 and top-5 (%)."""
+    if not hasattr(model, "classifier"):
+        raise UserError("--evaluate needs labels: this dataset has no classes")
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    for (val_view, _), labels in loader:
+        val_view, labels = val_view.to(device), labels.to(device)
+        with autocast():
+            out = model.evaluate(val_view, labels)
+        n = labels.shape[0]
+        sums += torch.tensor([float(out["clsl_val"]) * n, float(out["top1_val"]) * n,
+                              float(out["top5_val"]) * n, n], device=device, dtype=torch.float64)
+    if utils.is_dist():
+        dist.all_reduce(sums)
+    model.train()
+    n = max(float(sums[3]), 1.0)
+    return {"clsl_val": round(float(sums[0]) / n, 6), "top1_val": round(float(sums[1]) / n, 4),
+            "top5_val": round(float(sums[2]) / n, 4)}
+
+
+@utils.exit_on_user_error
+def main(args: argparse.Namespace) -> None:
+    resolve_args(args)
+    try:
+        train(args)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

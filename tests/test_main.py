@@ -1,0 +1,212 @@
+"""End-to-end tests of main_vicregl.py, run as a subprocess on the built-in dataset on the CPU."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models.checkpoints import load_backbone_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "builtin", "--builtin-images", "96", "--builtin-size", "32", "--arch", "resnet_test",
+        "--small-input", "--size-crops", "32", "16", "--num-crops", "2", "2", "--min_scale_crops", "0.3", "0.1",
+        "--max_scale_crops", "1", "0.4", "--num_matches", "4", "2", "--mlp", "32-32", "--maps-mlp", "16-16",
+        "--batch-size", "16", "--num-workers", "0", "--log-tensors-interval", "0", "--device", "cpu",
+        "--epochs", "2", "--warmup-epochs", "1", "--base-lr", "0.001"]
+METRICS = {"ep", "st", "lr", "t", "inv_l", "var_l", "cov_l", "minv_l", "mvar_l", "mcov_l", "cls_l", "top1",
+           "top5", "stdr", "corr", "stde", "core", "l"}
+
+
+def run(exp_dir, *extra, check=True, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "main_vicregl.py", *TINY, "--exp-dir", str(exp_dir), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def stats_lines(exp_dir):
+    lines = (exp_dir / "stats.txt").read_text().splitlines()
+    return lines[0], [json.loads(l) for l in lines[1:] if l.startswith("{")]
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    exp = tmp_path_factory.mktemp("run")
+    run(exp, "--evaluate", "--eval-freq", "1")
+    return exp
+
+
+def test_stats_checkpoint_and_exported_backbone(finished_run):
+    command, lines = stats_lines(finished_run)
+    assert "main_vicregl.py" in command and "--arch resnet_test" in command
+    assert len(lines) == 12  # 96 images / 16 = 6 steps per epoch, 2 epochs
+    assert all(set(l) == METRICS for l in lines)
+    assert [l["st"] for l in lines] == list(range(12)) and lines[-1]["ep"] == 1
+    assert all(len(l["t"]) == 9 and l["t"].isdigit() for l in lines)
+    assert lines[0]["lr"] == 0.0 and max(l["lr"] for l in lines) > 0
+    val = [json.loads(l[5:]) for l in (finished_run / "stats.txt").read_text().splitlines() if l.startswith("Val: ")]
+    assert [v["ep"] for v in val] == [0, 1] and set(val[0]) == {"ep", "clsl_val", "top1_val", "top5_val"}
+
+    ckpt = torch.load(finished_run / "model.pth", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "resnet_test"
+    assert all(k.startswith("module.") for k in ckpt["model"])
+    assert {"module.backbone.conv1.weight", "module.projector.0.weight", "module.maps_projector.0.weight",
+            "module.classifier.weight"} <= set(ckpt["model"])
+    backbone, _ = models.build_backbone("resnet_test", small_input=True)
+    load_backbone_weights(backbone, str(finished_run / "backbone.pth"), "resnet_test")  # strict
+    assert torch.equal(backbone.conv1.weight, ckpt["model"]["module.backbone.conv1.weight"])
+
+
+def test_evaluate_only_reads_the_checkpoint(finished_run):
+    before = digest(finished_run / "model.pth")
+    proc = run(finished_run, "--evaluate-only")
+    assert proc.stdout.strip().splitlines()[-1].startswith("Val: ")
+    assert digest(finished_run / "model.pth") == before
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(finished_run, tmp_path):
+    """Stop a run with SIGTERM in the middle of its second epoch; the restarted run continues from the
+    saved step and ends with exactly the weights of the uninterrupted run (same seed)."""
+    exp = tmp_path / "interrupted"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # --log-tensors-interval 0: a JSON line per step tells us where the run is.
+    proc = subprocess.Popen([sys.executable, "main_vicregl.py", *TINY, "--exp-dir", str(exp),
+                             "--evaluate", "--eval-freq", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line)["st"] == 7:  # epoch 1, second step
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "checkpoint saved at epoch 1" in out
+    ckpt = torch.load(exp / "model.pth", weights_only=False)
+    assert ckpt["epoch"] == 1 and 2 <= ckpt["step_in_epoch"] < 6
+    assert not (exp / "backbone.pth").exists()
+
+    resumed = run(exp, "--evaluate", "--eval-freq", "1")
+    assert f"epoch 1, step {ckpt['step_in_epoch']}" in resumed.stdout
+    _, lines = stats_lines(exp)
+    steps = [l["st"] for l in lines]
+    assert steps[-1] == 11 and len(set(steps)) == 12  # every step done; at most the signal's step redone
+    a = torch.load(finished_run / "model.pth", weights_only=False)
+    b = torch.load(exp / "model.pth", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_killed_after_epoch_one_restarts_at_epoch_two(tmp_path):
+    exp = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "main_vicregl.py", *TINY, "--exp-dir", str(exp)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line)["ep"] == 1:
+            proc.kill()  # no chance to save anything: the epoch-0 checkpoint must be there
+            break
+    proc.wait(timeout=60)
+    saved = torch.load(exp / "model.pth", weights_only=False)
+    assert saved["epoch"] == 1 and saved["step_in_epoch"] == 0
+    resumed = run(exp)
+    assert "resuming from" in resumed.stdout and "epoch 1, step 0" in resumed.stdout
+    assert (exp / "backbone.pth").exists()
+
+
+def test_torchrun_two_processes(tmp_path):
+    exp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(_free_port()), "main_vicregl.py", *TINY, "--exp-dir", str(exp),
+                           "--epochs", "1"], cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    command, lines = stats_lines(exp)
+    assert (exp / "stats.txt").read_text().count("main_vicregl.py") == 1  # only rank 0 writes
+    assert [l["st"] for l in lines] == list(range(6))  # 96 images / global batch 16
+    assert all(set(l) == METRICS and all(v == v for v in l.values() if isinstance(v, float)) for l in lines)
+    assert (exp / "backbone.pth").exists()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--size-crops", "32"], "--size-crops, --num-crops"),
+    (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
+    (["--num_matches", "20", "4"], "--num_matches [20, 4]: 20 matches requested from view 0, which has only 16"),
+    (["--arch", "resnet7"], "unknown --arch 'resnet7'"),
+    (["--arch", "convnext_test", "--size-crops", "64", "16"], "--size-crops 16 is too small for --arch convnext_test"),
+    (["--arch", "convnext_test", "--small-input"], "--small-input applies to ResNet backbones only"),
+    (["--mlp", "32-x"], "--mlp expects"),
+    (["--dataset", "imagenet1k", "--data-dir", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--dataset", "imagenet1k"], "--data-dir"),
+])
+def test_configuration_errors_are_clear_and_early(tmp_path, extra, message):
+    exp = tmp_path / "exp"
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGENET_PATH", "IMAGENET_NUMPY_PATH")}
+    base = [a for a in TINY if a != "--small-input"] if "convnext_test" in extra else TINY
+    proc = subprocess.run([sys.executable, "main_vicregl.py", *base, "--exp-dir", str(exp), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (exp / "model.pth").exists()
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(_free_port()), "main_vicregl.py", *TINY, "--exp-dir",
+                           str(tmp_path), "--batch-size", "15"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "--batch-size 15 must be a positive multiple of the number of processes (2)" in proc.stderr
+
+
+def test_corrupted_checkpoint_is_refused_and_kept(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "model.pth").write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
+    before = digest(exp / "model.pth")
+    proc = run(exp, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.pth" in proc.stderr and "left untouched" in proc.stderr
+    assert digest(exp / "model.pth") == before
+
+
+def test_checkpoint_of_another_arch_is_refused_and_kept(finished_run, tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "model.pth").write_bytes((finished_run / "model.pth").read_bytes())
+    proc = run(exp, "--arch", "resnet18", check=False)
+    assert proc.returncode == 2 and "--arch resnet_test run, not --arch resnet18" in proc.stderr
+    assert digest(exp / "model.pth") == digest(finished_run / "model.pth")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(finished_run, tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    good = torch.load(finished_run / "model.pth", weights_only=False)
+    good["epoch"] = 1  # pretend only the first epoch was done
+    torch.save(good, exp / "model.pth")
+    before = digest(exp / "model.pth")
+    proc = run(exp, "--base-lr", "1e36", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "at step" in proc.stderr and "last good checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert digest(exp / "model.pth") == before
