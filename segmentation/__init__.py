@@ -1,0 +1,7 @@
+"""Linear frozen segmentation (SPEC §9) in plain PyTorch.
+
+``train.py`` is the script (``python segmentation/train.py --help``); ``datasets.py`` reads Pascal VOC,
+ADE20K, Cityscapes and the built-in masks; ``transforms.py`` holds the joint image/mask augmentations;
+``head.py`` the frozen feature extractor, the linear head and sliding-window inference; ``metrics.py``
+the confusion matrix and mIoU. See README.md.
+"""
