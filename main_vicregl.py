@@ -134,8 +134,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- checks
 
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill derived defaults (weight decay, data dir, val batch) in place."""
+def resolve_args(args: argparse.Namespace, job_id: Optional[str] = None) -> argparse.Namespace:
+    """Fill derived defaults in place: weight decay, data dir, val batch, and ``%j`` in --exp-dir
+    (``job_id``: the SLURM job id, so that a requeued job finds its own folder)."""
+    if job_id and "%j" in str(args.exp_dir):
+        args.exp_dir = Path(str(args.exp_dir).replace("%j", str(job_id)))
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     if args.data_dir is None and args.dataset != "builtin":
@@ -327,17 +330,16 @@ def _hms(seconds: float) -> str:
 # ----------------------------------------------------------------------------- preemption
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption, timeouts, Ctrl-C of torchrun) ask the loop to checkpoint
-    the current step and exit; the loop polls ``requested`` between steps."""
+    """Preemption: SIGTERM / SIGUSR1 (and SIGUSR2 under submitit) ask the loop to checkpoint the
+    current step and stop; the loop polls ``requested`` between steps. The previous handlers are
+    kept so that run_with_submitit.py can hand over to submitit's requeue afterwards."""
 
-    def __init__(self):
-        self.flag = False
-        self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.flag, self.signum = False, None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame):
-        self.flag, self.signum = True, signum
+        self.flag, self.signum = True, self.signum or signum
 
     def requested(self, step: int, device: torch.device) -> bool:
         if not utils.is_dist():
@@ -383,7 +385,9 @@ def to_device(batch, device):
     return views, locations, labels.to(device, non_blocking=nb)
 
 
-def train(args) -> None:
+def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
+    """Pretrain as ``args`` says. Returns None when done, or the signal number that stopped the
+    run after a checkpoint of the current step (the next run resumes from it)."""
     info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
     main_proc = info.rank == 0
     check_args(args, info.world_size)
@@ -422,12 +426,12 @@ def train(args) -> None:
         if ckpt is None:
             raise UserError(f"--evaluate-only needs a trained model: {ckpt_path} does not exist")
         logger.log({"ep": start_epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
-        return
+        return None
 
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * len(train_set) // args.batch_size
     warmup_steps = args.warmup_epochs * len(train_set) // args.batch_size
-    stop = StopSignal()
+    stop = StopSignal(stop_signals)
     last_log, pending = time.time(), None
     images_per_step = args.batch_size
     for epoch in range(start_epoch, args.epochs):
@@ -476,7 +480,7 @@ def train(args) -> None:
                 if main_proc:
                     print(f"\nsignal {stop.signum}: checkpoint saved at epoch {epoch}, step {i + 1}; exiting",
                           flush=True)
-                sys.exit(0)
+                return stop.signum or signal.SIGTERM
         next_epoch = epoch + 1
         pending = check_pending(pending, None)  # never save weights that a bad step touched
         if next_epoch % args.checkpoint_freq == 0 or next_epoch == args.epochs:
@@ -488,6 +492,7 @@ def train(args) -> None:
         if logger.tty:
             print()
         print(f"done: {args.exp_dir / 'backbone.pth'} ({_hms(time.time() - start)})", flush=True)
+    return None
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,
@@ -525,7 +530,7 @@ def validate(model: VICRegL, loader, device, autocast) -> Dict[str, float]:
 
 @utils.exit_on_user_error
 def main(args: argparse.Namespace) -> None:
-    resolve_args(args)
+    resolve_args(args, os.environ.get("SLURM_JOB_ID"))
     try:
         train(args)
     except NonFiniteLoss as e:
