@@ -387,10 +387,11 @@ def load_resume_state(path: Path, args) -> Optional[dict]:
     return ckpt
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, best: dict, args) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, best: dict, knn: Optional[dict],
+                    args) -> None:
     if utils.is_main_process():
         state = dict(epoch=epoch, best_acc=best, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(),
+                     scheduler=scheduler.state_dict(), knn=knn,
                      args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
         utils.save_atomic(state, str(path))
     utils.barrier()
@@ -505,7 +506,7 @@ def run(args) -> None:
     # resume
     ckpt_path = args.exp_dir / "checkpoint.pth"
     ckpt = None if args.knn_only else load_resume_state(ckpt_path, args)
-    start_epoch, best = 0, dict(acc1=0.0, acc5=0.0)
+    start_epoch, best, knn = 0, dict(acc1=0.0, acc5=0.0), None
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
@@ -514,12 +515,11 @@ def run(args) -> None:
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"{ckpt_path} does not fit this model: {str(e).splitlines()[0]}. "
                             f"The file was left untouched.") from None
-        start_epoch, best = ckpt["epoch"], dict(ckpt["best_acc"])
+        start_epoch, best, knn = ckpt["epoch"], dict(ckpt["best_acc"]), ckpt.get("knn")
         if main_proc:
             print(f"resuming from {ckpt_path}: epoch {start_epoch}, best top-1 {best['acc1']:.2f}", flush=True)
 
-    # k-NN on the frozen features, before any training
-    knn = None
+    # k-NN on the frozen features, before any training (a resumed run has it in its checkpoint)
     if knn_loader is not None and start_epoch == 0:
         t = time.time()
         knn = knn_evaluate(model.backbone, knn_loader, val_loader, info.device, args.knn_k, args.knn_temperature,
@@ -548,7 +548,7 @@ def run(args) -> None:
                         lr_head=lrs[0], lr_backbone=lrs[1] if len(lrs) > 1 else 0.0,
                         time=int(time.time() - start)))
         scheduler.step()
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, best, args)
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, best, knn, args)
 
     done = stop_at if start_epoch < stop_at else start_epoch
     if main_proc:
