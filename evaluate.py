@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -179,24 +179,29 @@ class WithTransform(Dataset):
         return self.transform(image), label
 
 
-def read_file_list(path: Path) -> List[str]:
+def parse_file_list(text: str) -> List[str]:
     """Entries listed one per line (blank lines and # comments ignored), with '/' separators."""
     entries = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip().replace("\\", "/").strip("/")
         if line:
             entries.append(line)
     return entries
 
 
+def read_file_list(path: Path) -> List[str]:
+    return parse_file_list(Path(path).read_text())
+
+
 def download_file_list(percent: int, cache_dir: Path, url: Optional[str] = None,
-                       timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """The SimCLR list of the ``percent``% subset, downloaded once into ``cache_dir`` (rank 0 writes
-    it; others read it or download it themselves). Offline: a UserError pointing to --train-files."""
+                       timeout: float = DOWNLOAD_TIMEOUT_S) -> Tuple[List[str], str]:
+    """(entries, where they came from) of SimCLR's ``percent``% list: read from
+    ``cache_dir/<percent>percent.txt`` when an earlier run saved it there, else downloaded (rank 0
+    saves it). Offline: a UserError that says to pass --train-files."""
     url = url or SUBSET_URL.format(percent=percent)
     cached = cache_dir / f"{percent}percent.txt"
     if cached.is_file():
-        return cached
+        return read_file_list(cached), str(cached)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             text = response.read().decode()
@@ -205,16 +210,12 @@ def download_file_list(percent: int, cache_dir: Path, url: Optional[str] = None,
         raise UserError(f"--train-percent {percent} needs the list of the {percent}% subset, and downloading "
                         f"it from {url} failed ({reason}). Offline, download {percent}percent.txt from that "
                         f"address on another machine and pass --train-files /path/to/{percent}percent.txt") from None
-    if utils.is_main_process():
+    if utils.is_main_process():  # atomically: other processes may be reading an older copy
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f".{cached.name}.tmp.{os.getpid()}"
         tmp.write_text(text)
         os.replace(tmp, cached)
-        return cached
-    tmp = cache_dir / f".{cached.name}.rank{utils.get_rank()}.{os.getpid()}"  # rank 0 may still be writing
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
-    return tmp
+    return parse_file_list(text), url
 
 
 def select_files(dataset: Dataset, entries: Sequence[str], source: str) -> Subset:
@@ -268,9 +269,14 @@ def build_data(args, info: utils.DistInfo):
     if num_classes < 2:
         raise UserError(f"the training set has {num_classes} classes: evaluation needs labelled data")
     if args.train_files is not None or args.train_percent < 100:
-        source = args.train_files or download_file_list(args.train_percent, args.exp_dir)
+        if args.train_files is not None:
+            entries, source = read_file_list(args.train_files), str(args.train_files)
+        else:
+            entries, source = download_file_list(args.train_percent, args.exp_dir)
+        if not entries:
+            raise UserError(f"{source} lists no file")
         full = len(train_set)
-        train_set = select_files(train_set, read_file_list(source), str(source))
+        train_set = select_files(train_set, entries, source)
         if info.rank == 0:
             print(f"training on {len(train_set)} of {full} images, listed in {source}"
                   + (f"; {train_set.unmatched} listed entries match no image" if train_set.unmatched else "")
@@ -491,7 +497,10 @@ def validate(model: nn.Module, loader, device) -> Dict[str, float]:
 
 
 def run(args) -> None:
-    info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
+    try:
+        info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
+    except ValueError as e:  # --device cuda without CUDA
+        raise UserError(str(e)) from None
     main_proc = info.rank == 0
     start = time.time()
 
@@ -526,6 +535,7 @@ def run(args) -> None:
                            num_classes=num_classes)
         logger.log(dict(knn_k=args.knn_k, knn_temperature=args.knn_temperature, knn_top1=round(knn["top1"], 4),
                         knn_top5=round(knn["top5"], 4), time=round(time.time() - t, 1)))
+    knn_loader = None  # its persistent workers are not needed any more
     if args.knn_only:
         if main_proc:
             print(f"k-NN top-1 {knn['top1']:.2f}% top-5 {knn['top5']:.2f}% (k {args.knn_k}, "
@@ -541,7 +551,8 @@ def run(args) -> None:
     stop_at = args.epochs if not args.stop_after_epochs else min(args.epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, stop_at):
         lrs = [g["lr"] for g in optimizer.param_groups]
-        loss = train_one_epoch(model, ddp, train_loader, optimizer, epoch, args, info, logger, start, args.epochs - epoch)
+        loss = train_one_epoch(model, ddp, train_loader, optimizer, epoch, args, info, logger, start,
+                               args.epochs - epoch)
         last = validate(model, val_loader, info.device)
         best = dict(acc1=max(best["acc1"], last["acc1"]), acc5=max(best["acc5"], last["acc5"]))
         logger.log(dict(epoch=epoch, loss=round(loss, 6), **last, best_acc1=best["acc1"], best_acc5=best["acc5"],
@@ -566,7 +577,7 @@ def run(args) -> None:
             summary.update(knn_top1=round(knn["top1"], 4))
         logger.log(summary)
         print(f"done: best top-1 {best['acc1']:.2f}%, top-5 {best['acc5']:.2f}% "
-              f"({args.weights}, {args.epochs} epochs, {_hms(time.time() - start)})", flush=True)
+              f"({args.weights}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, {_hms(time.time() - start)})", flush=True)
 
 
 @utils.exit_on_user_error

@@ -311,17 +311,17 @@ def test_download_is_cached_in_the_experiment_folder(tmp_path, monkeypatch):
         return io.BytesIO(b"n01440764_10026.JPEG\nn01440764_10027.JPEG\n")
 
     monkeypatch.setattr(evaluate.urllib.request, "urlopen", fake_urlopen)
-    path = evaluate.download_file_list(10, tmp_path)
+    entries, source = evaluate.download_file_list(10, tmp_path)
     assert calls == [(evaluate.SUBSET_URL.format(percent=10), evaluate.DOWNLOAD_TIMEOUT_S)]
-    assert "simclr/master/imagenet_subsets/10percent.txt" in calls[0][0]
-    assert path == tmp_path / "10percent.txt"
-    assert evaluate.read_file_list(path) == ["n01440764_10026.JPEG", "n01440764_10027.JPEG"]
+    assert "simclr/master/imagenet_subsets/10percent.txt" in calls[0][0] and source == calls[0][0]
+    assert entries == ["n01440764_10026.JPEG", "n01440764_10027.JPEG"]
+    assert evaluate.read_file_list(tmp_path / "10percent.txt") == entries  # saved for the next run
 
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(evaluate.urllib.request, "urlopen", offline)
-    assert evaluate.download_file_list(10, tmp_path) == path  # the cached copy, no download
+    assert evaluate.download_file_list(10, tmp_path) == (entries, str(tmp_path / "10percent.txt"))
     with pytest.raises(utils.UserError, match="no network"):
         evaluate.download_file_list(1, tmp_path)
 
