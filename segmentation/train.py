@@ -79,7 +79,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-interval", type=int, default=None,
                    help="iterations between checkpoints (default: --eval-interval, or 1000 when that is 0); "
                         "a checkpoint is always written at the end")
-    g.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation, data order and crops")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the head's initialisation (and of a random backbone), the data order and the "
+                        "crops: a run and its resumed continuation see the same random numbers")
+    g.add_argument("--stop-after-iters", type=int, default=0,
+                   help="end this process after this many iterations (checkpoint written; 0: run to --iters): "
+                        "rerun the same command to continue, e.g. to fit a job's time limit")
     g.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cuda' or 'cpu'")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     g.add_argument("--fp16", action="store_true",
@@ -120,9 +125,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help=f"backbone: one of {', '.join(models.available_archs())}")
     g.add_argument("--pretrained", default=None,
-                   help="backbone weights: an exported backbone.pth, a full model.pth / _fullckpt.pth, or a URL "
-                        "of a published file; 'random' for a randomly initialised backbone. When resuming, "
-                        "defaults to the one the run started with")
+                   help="backbone weights: an exported backbone (backbone.pth, the published "
+                        "<arch>_alpha<a>.pth), a pretraining checkpoint (model.pth, _fullckpt.pth), as a path or "
+                        "URL; loaded strictly. Without it the backbone is random (a baseline), unless resuming "
+                        "a run that had one")
     g.add_argument("--small-input", action="store_true",
                    help="ResNet with the 3x3 stride-1 stem (as pretrained with --small-input on small images)")
     g.add_argument("--dilated", type=int, default=1,
@@ -231,9 +237,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                f"--ratio-range needs 0 < low <= high, got {args.ratio_range}"),
               (0 < args.cat_max_ratio <= 1, f"--cat-max-ratio must lie in (0, 1], got {args.cat_max_ratio}"),
               (args.print_freq >= 1, "--print-freq must be >= 1"),
+              (args.stop_after_iters >= 0 and args.workers >= 0, "--stop-after-iters and --workers must be >= 0"),
               (args.eval_interval >= 0 and args.checkpoint_interval >= 1,
                "--eval-interval must be >= 0 and --checkpoint-interval >= 1"),
-              (args.val_batch_size >= 1, "--val-batch-size must be >= 1")]
+              (args.val_batch_size >= 1, "--val-batch-size must be >= 1"),
+              (all(s <= w for s, w in zip(args.stride, args.window)),
+               f"--stride {args.stride} must not exceed --window {args.window}: pixels between windows "
+               f"would get no prediction")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -309,10 +319,7 @@ def build_backbone(args, device: torch.device) -> nn.Module:
         kw = dict(small_input=args.small_input,
                   replace_stride_with_dilation=[False, bool(args.dilated), bool(args.dilated)])
     backbone, _ = models.build_backbone(args.arch, **kw)
-    if args.pretrained is None:
-        raise UserError("give --pretrained: a backbone.pth, a model.pth / _fullckpt.pth, a URL of a published "
-                        "file, or 'random' for a randomly initialised backbone")
-    if args.pretrained != "random":
+    if args.pretrained is not None:
         try:
             _, unexpected = load_backbone_weights(backbone, args.pretrained, args.arch, allow_unexpected=True)
         except CheckpointError as e:
@@ -323,8 +330,8 @@ def build_backbone(args, device: torch.device) -> nn.Module:
             extra = f", ignoring {len(unexpected)} non-backbone entries" if unexpected else ""
             print(f"loaded {args.arch} weights from {args.pretrained}{extra}", flush=True)
     elif utils.is_main_process():
-        print(f"warning: --pretrained random: the {args.arch} backbone keeps its random initialisation",
-              file=sys.stderr)
+        print(f"warning: no --pretrained: the {args.arch} backbone keeps its random initialisation "
+              f"(seed {args.seed})", file=sys.stderr)
     return backbone.to(device)
 
 
@@ -513,9 +520,11 @@ def train(args) -> None:
 
     steps_per_epoch = len(train_loader)
     epoch, skip = divmod(it, steps_per_epoch)
+    stop_at = min(args.iters, it + args.stop_after_iters) if args.stop_after_iters else args.iters
     model.train()
     t_run, done = time.time(), 0
-    while it < args.iters:
+    loss_sum, loss_count = torch.zeros((), device=info.device), 0  # mean over each logging interval
+    while it < stop_at:
         for images, masks in datasets.epoch_iterator(train_loader, epoch, skip):
             lr = learning_rate(it, args.iters, args.lr, args.min_lr, args.poly_power, args.warmup_iters)
             for group in optimizer.param_groups:
@@ -536,21 +545,29 @@ def train(args) -> None:
             loss.backward()
             optimizer.step()
             it, done = it + 1, done + 1
-            if it % args.print_freq == 0 or it == args.iters:
-                logger.log({"ep": epoch, "it": it, "lr": lr, "loss": round(float(utils.all_reduce_mean(loss.detach())), 6),
+            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            if it % args.print_freq == 0 or it == stop_at:
+                mean_loss = float(utils.all_reduce_mean(loss_sum / loss_count))
+                logger.log({"ep": epoch, "it": it, "lr": lr, "loss": round(mean_loss, 6),
                             "t": f"{int(time.time() - start):09d}"})
+                loss_sum, loss_count = torch.zeros_like(loss_sum), 0
             if logger.tty:
                 rate = done * args.batch_size / (time.time() - t_run)
                 logger.progress(f"it {it}/{args.iters} | loss {float(loss):.4f} | lr {lr:.2e} | {rate:.1f} img/s "
                                 f"| left {_hms((args.iters - it) * args.batch_size / max(rate, 1e-9))}")
-            if it % args.checkpoint_interval == 0 or it == args.iters:
+            if it % args.checkpoint_interval == 0 or it == stop_at:
                 save_checkpoint(ckpt_path, model.head, optimizer, it, args, main_proc)
             if args.eval_interval and it % args.eval_interval == 0 and it < args.iters:
                 conf = evaluate(model, val_loader, num_classes, args, info.device, logger)
                 logger.log(validation_line(it, conf, class_names, start), "Val: ")
-            if it >= args.iters:
+            if it >= stop_at:
                 break
         epoch, skip = epoch + 1, 0
+    if it < args.iters:
+        if main_proc:
+            print(f"\nstopped at iteration {it} of {args.iters} (--stop-after-iters); rerun the same command to "
+                  f"continue", flush=True)
+        return
 
     conf = evaluate(model, val_loader, num_classes, args, info.device, logger)
     line = validation_line(it, conf, class_names, start)
