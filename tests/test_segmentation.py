@@ -159,6 +159,16 @@ def test_dilated_resnet_last_stage_has_output_stride_8():
     assert H.stage_channels(backbone) == [8, 16, 32, 64]
 
 
+def test_mixed_precision_backbone_gives_float32_features_close_to_float32():
+    backbone, _ = models.build_backbone("convnext_test")
+    x = torch.randn(2, 3, 32, 32)
+    full = H.FrozenBackbone(backbone, [0, 1, 2, 3])(x)
+    half = H.FrozenBackbone(backbone, [0, 1, 2, 3], lambda: torch.autocast("cpu", dtype=torch.bfloat16))(x)
+    assert half.dtype == torch.float32
+    assert not torch.equal(half, full)  # the autocast really ran
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
+
+
 def test_backbone_stays_frozen_and_only_the_head_learns():
     backbone, _ = models.build_backbone("resnet_test", replace_stride_with_dilation=[False, True, True])
     model = H.Segmenter(H.FrozenBackbone(backbone, [3]), H.LinearHead(64, 3, dropout=0.1))
