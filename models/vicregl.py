@@ -86,7 +86,7 @@ class VICRegL(nn.Module):
         ``metrics`` adds the representation statistics stdr/stde/corr/core.
         """
         cfg = self.cfg
-        maps, pooled = zip(*[self.backbone(v) for v in views])  # per view: BN statistics per view
+        maps, pooled = self.encode(views)
         logs: Dict[str, Tensor] = {}
         loss = pooled[0].new_zeros((), dtype=torch.float32)
         embeddings = None
@@ -111,6 +111,31 @@ class VICRegL(nn.Module):
                 logs.update(representation_metrics(embeddings[0], "e"))
         logs["l"] = loss.detach()
         return loss, logs
+
+    def encode(self, views: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """Backbone outputs of every view: (maps (B, L_v, C), pooled (B, C)) per view.
+
+        A backbone with BatchNorm sees one view at a time, as the reference did: its batch
+        statistics are per view. Without BatchNorm (ConvNeXt) views of the same size go through
+        together — the same numbers, in fewer and larger kernels.
+        """
+        if self.has_batchnorm:
+            outs = [self.backbone(v) for v in views]
+            return [m for m, _ in outs], [p for _, p in outs]
+        maps: List[Optional[Tensor]] = [None] * len(views)
+        pooled: List[Optional[Tensor]] = [None] * len(views)
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for v, x in enumerate(views):
+            groups.setdefault(tuple(x.shape[1:]), []).append(v)
+        for idx in groups.values():
+            m, p = self.backbone(torch.cat([views[v] for v in idx]) if len(idx) > 1 else views[idx[0]])
+            for v, mv, pv in zip(idx, m.chunk(len(idx)), p.chunk(len(idx))):
+                maps[v], pooled[v] = mv, pv
+        return maps, pooled
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules())
 
     def classify(self, features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Online probe: (cross-entropy, top-1 %, top-5 %) of the classifier on ``features``."""

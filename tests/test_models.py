@@ -172,3 +172,21 @@ def test_representation_metrics_on_known_inputs():
     c = z.T @ z / (len(z) - 1)
     off = (c.sum() - c.trace()) / 6
     assert float(representation_metrics(x, "e")["core"]) == pytest.approx(float(off), abs=1e-9)
+
+
+def test_views_of_equal_size_share_a_forward_only_without_batchnorm():
+    torch.manual_seed(0)
+    views = [torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64), torch.randn(3, 3, 32, 32)]
+    conv = VICRegL(VICRegLConfig(arch="convnext_test", mlp="8-8", maps_mlp="8-8", num_classes=0,
+                                 backbone_kwargs={"drop_path_rate": 0.0}))
+    assert not conv.has_batchnorm
+    maps, pooled = conv.encode(views)
+    for v, x in enumerate(views):  # grouped forward = one view at a time
+        m, p = conv.backbone(x)
+        assert torch.allclose(maps[v], m, atol=1e-5) and torch.allclose(pooled[v], p, atol=1e-5)
+    res = VICRegL(VICRegLConfig(arch="resnet_test", mlp="8-8", maps_mlp="8-8", num_classes=0))
+    assert res.has_batchnorm
+    calls = []
+    res.backbone.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    res.encode(views)
+    assert calls == [3, 3, 3]  # per-view batch statistics, as the reference

@@ -23,12 +23,13 @@ def test_learning_schedule_holds_end_value_past_total():
     assert utils.learning_schedule(1000, 256, 1.0, 0.01, 100, 10) == pytest.approx(end) == pytest.approx(0.01)
 
 
-def test_lars_matches_reference(data_dir):
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lars_matches_reference(data_dir, foreach):
     ref = torch.load(data_dir / "lars.pt", weights_only=True)
     params = [p.clone().requires_grad_() for p in ref["params0"]]
     assert float(params[2].abs().sum()) == 0.0  # zero-norm parameter: adaptation factor 1
     opt = utils.LARS(params, lr=ref["lr"], weight_decay=ref["weight_decay"], momentum=ref["momentum"],
-                     eta=ref["eta"])
+                     eta=ref["eta"], foreach=foreach)
     for grads, expected in zip(ref["grads"], ref["after_each_step"]):
         for p, g in zip(params, grads):
             p.grad = g.clone()
@@ -37,10 +38,11 @@ def test_lars_matches_reference(data_dir):
             torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-9)
 
 
-def test_lars_skips_decay_and_adaptation_for_vectors():
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lars_skips_decay_and_adaptation_for_vectors(foreach):
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.full((4,), 2.0)
-    utils.LARS([p], lr=0.5, weight_decay=10.0).step()
+    utils.LARS([p], lr=0.5, weight_decay=10.0, foreach=foreach).step()
     assert torch.allclose(p.detach(), torch.zeros(4))  # 1 - 0.5 * 2, no decay, no eta scaling
 
 
