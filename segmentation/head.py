@@ -96,7 +96,10 @@ class Segmenter(nn.Module):
                                                                 align_corners=False)
 
 
-def window_boxes(height: int, width: int, window: Sequence[int], stride: Sequence[int]) -> List[Tuple[int, int, int, int]]:
+Box = Tuple[int, int, int, int]  # (top, left, bottom, right)
+
+
+def window_boxes(height: int, width: int, window: Sequence[int], stride: Sequence[int]) -> List[Box]:
     """(top, left, bottom, right) of the sliding windows covering an image (every pixel at least once).
 
     Windows start every ``stride`` pixels; the last row/column of windows is shifted back so that it

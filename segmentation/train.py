@@ -13,12 +13,11 @@ written atomically and resumed automatically).
 """
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 # Run as `python segmentation/train.py` the script's folder comes first on sys.path, where
 # segmentation/datasets.py would shadow the repository's datasets.py: put the root there instead.
@@ -222,9 +221,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.train_split is None:
         args.train_split = ds["train_split"]
         if args.dataset == "voc" and not VOCSegmentation.has_aug(args.data_dir):
-            print(f"warning: no SBD annotations (SegmentationClassAug + ImageSets/Segmentation/aug.txt) under "
-                  f"{args.data_dir}: training on VOC train (1464 images) instead of train_aug (10582) as the "
-                  f"protocol does", file=sys.stderr)
+            if utils.is_main_process():
+                print(f"warning: no SBD annotations (SegmentationClassAug + ImageSets/Segmentation/aug.txt) under "
+                  f"{args.data_dir}: training on VOC train (1464 images) instead of train_aug (10582) as "
+                      f"the protocol does", file=sys.stderr)
             args.train_split = "train"
     if args.small_input and family != "resnet":
         raise UserError("--small-input applies to ResNet backbones only")
@@ -323,7 +323,7 @@ def build_backbone(args, device: torch.device) -> nn.Module:
         try:
             _, unexpected = load_backbone_weights(backbone, args.pretrained, args.arch, allow_unexpected=True)
         except CheckpointError as e:
-            hint = ("\n  (a backbone pretrained with --small-input needs --small-input here too)"
+            hint = ("\n  (--small-input must match how the backbone was pretrained)"
                     if args.family == "resnet" and "conv1.weight" in str(e) else "")
             raise UserError(f"{e}{hint}") from None
         if utils.is_main_process():
@@ -466,6 +466,38 @@ def step_seed(seed: int, rank: int, it: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + it * 104_729) % (2 ** 63)
 
 
+def training_step(features: nn.Module, head: nn.Module, optimizer, images: torch.Tensor, masks: torch.Tensor,
+                  lr: float) -> torch.Tensor:
+    """One SGD/AdamW step of the head on a batch: images (B, 3, H, W), masks (B, H, W) -> loss (detached)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = head(features(images))  # (B, K, h, w) at the feature resolution
+    logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    if (masks != IGNORE_INDEX).any():
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    else:  # every pixel ignored (possible with tiny crops): no signal, but keep DDP in step
+        loss = logits.sum() * 0.0
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the loss became {float(loss)}; the last checkpoint was kept; lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def restore(ckpt: Optional[dict], head: nn.Module, optimizer, path: Path) -> int:
+    """Load the head and optimiser from a resume checkpoint; the iteration to continue from."""
+    if ckpt is None:
+        return 0
+    try:
+        head.load_state_dict(ckpt["head"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} does not fit this head (another --arch, --stages or dataset?): "
+                        f"{str(e).splitlines()[0]}. The file was left untouched.") from None
+    return int(ckpt["iteration"])
+
+
 def train(args) -> None:
     info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
     main_proc = info.rank == 0
@@ -478,8 +510,12 @@ def train(args) -> None:
     # resume state first: it may say which --pretrained the run started with
     ckpt_path = args.exp_dir / "checkpoint.pth"
     ckpt = load_resume_state(ckpt_path, args)
+    saved_pretrained = (ckpt or {}).get("args", {}).get("pretrained")
     if args.pretrained is None and ckpt is not None:
-        args.pretrained = ckpt.get("args", {}).get("pretrained")
+        args.pretrained = saved_pretrained
+    elif ckpt is not None and str(args.pretrained) != str(saved_pretrained) and main_proc:
+        print(f"warning: {ckpt_path} was trained on the backbone from --pretrained {saved_pretrained}; now "
+              f"--pretrained {args.pretrained}: make sure it is the same backbone", file=sys.stderr)
     if args.eval_only and ckpt is None:
         raise UserError(f"--eval-only needs a trained head in {ckpt_path}; there is none")
 
@@ -488,64 +524,44 @@ def train(args) -> None:
     train_loader = None if args.eval_only else build_train_loader(args, info)[1]
     num_classes, class_names = val_set.num_classes, val_set.class_names
 
-    # model and optimiser
+    # model, optimiser, resume
     model = build_model(args, num_classes, info)
     optimizer = build_optimizer(args, model.head)
-    it = 0
-    if ckpt is not None:
-        try:
-            model.head.load_state_dict(ckpt["head"], strict=True)
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{ckpt_path} does not fit this head (another --arch, --stages or dataset?): "
-                            f"{str(e).splitlines()[0]}. The file was left untouched.") from None
-        it = int(ckpt["iteration"])
-    head = model.head
-    if info.world_size > 1:
-        head = nn.parallel.DistributedDataParallel(
-            model.head, device_ids=[info.device] if info.device.type == "cuda" else None)
+    it = restore(ckpt, model.head, optimizer, ckpt_path)
+    head = model.head if info.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model.head, device_ids=[info.device] if info.device.type == "cuda" else None)
     logger = Logger(args.exp_dir, main_proc)
     if main_proc:
         print(f"{args.arch} features {model.features.out_channels} channels (stages {args.stages}) -> "
               f"{num_classes} classes; {args.optimizer} lr {args.lr} wd {args.weight_decay}; "
               f"{args.iters} iterations of {args.batch_size} {tuple(args.crop_size)} crops; "
-              f"{args.inference} inference", flush=True)
-        if ckpt is not None:
-            print(f"resuming from {ckpt_path} at iteration {it}", flush=True)
+              f"{args.inference} inference" + (f"; resuming from {ckpt_path} at iteration {it}" if ckpt else ""),
+              flush=True)
+
+    def validate(it: int) -> dict:
+        line = validation_line(it, evaluate(model, val_loader, num_classes, args, info.device, logger),
+                               class_names, start)
+        logger.log(line, "Val: ")
+        return line
 
     if args.eval_only:
-        conf = evaluate(model, val_loader, num_classes, args, info.device, logger)
-        logger.log(validation_line(it, conf, class_names, start), "Val: ")
+        validate(it)
         return
 
-    steps_per_epoch = len(train_loader)
-    epoch, skip = divmod(it, steps_per_epoch)
+    # loop: iterations over epochs of the training set; `skip` resumes in the middle of an epoch
     stop_at = min(args.iters, it + args.stop_after_iters) if args.stop_after_iters else args.iters
+    epoch, skip = divmod(it, len(train_loader))
     model.train()
     t_run, done = time.time(), 0
     loss_sum, loss_count = torch.zeros((), device=info.device), 0  # mean over each logging interval
     while it < stop_at:
         for images, masks in datasets.epoch_iterator(train_loader, epoch, skip):
             lr = learning_rate(it, args.iters, args.lr, args.min_lr, args.poly_power, args.warmup_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             torch.manual_seed(step_seed(args.seed, info.rank, it))  # dropout replays exactly after a resume
-            images = images.to(info.device, non_blocking=True)
-            masks = masks.to(info.device, non_blocking=True)
-            logits = head(model.features(images))  # (B, K, h, w)
-            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            if (masks != IGNORE_INDEX).any():
-                loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-            else:  # every pixel ignored (possible with tiny crops): no signal, but keep DDP in step
-                loss = logits.sum() * 0.0
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss became {float(loss)} at iteration {it}; the last checkpoint "
-                                    f"was kept; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = training_step(model.features, head, optimizer, images.to(info.device, non_blocking=True),
+                                 masks.to(info.device, non_blocking=True), lr)
             it, done = it + 1, done + 1
-            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
             if it % args.print_freq == 0 or it == stop_at:
                 mean_loss = float(utils.all_reduce_mean(loss_sum / loss_count))
                 logger.log({"ep": epoch, "it": it, "lr": lr, "loss": round(mean_loss, 6),
@@ -558,20 +574,17 @@ def train(args) -> None:
             if it % args.checkpoint_interval == 0 or it == stop_at:
                 save_checkpoint(ckpt_path, model.head, optimizer, it, args, main_proc)
             if args.eval_interval and it % args.eval_interval == 0 and it < args.iters:
-                conf = evaluate(model, val_loader, num_classes, args, info.device, logger)
-                logger.log(validation_line(it, conf, class_names, start), "Val: ")
+                validate(it)
             if it >= stop_at:
                 break
         epoch, skip = epoch + 1, 0
+
     if it < args.iters:
         if main_proc:
             print(f"\nstopped at iteration {it} of {args.iters} (--stop-after-iters); rerun the same command to "
                   f"continue", flush=True)
         return
-
-    conf = evaluate(model, val_loader, num_classes, args, info.device, logger)
-    line = validation_line(it, conf, class_names, start)
-    logger.log(line, "Val: ")
+    line = validate(it)
     if main_proc:
         print(f"done: mIoU {line['mIoU']:.2f} on {args.dataset} {args.val_split} ({_hms(time.time() - start)})",
               flush=True)

@@ -23,7 +23,6 @@ normalised; the mask keeps its original size, since the logits are resized to it
 Both take ``(PIL image, mask)`` with mask a PIL image or an (H, W) uint8 array, and return
 ``(image (3, h, w) float32, mask (H, W) int64)``.
 """
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np

@@ -166,7 +166,7 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys, case):
     argv, expected = {
         "missing": (["--pretrained", tmp_path / "nope.pth"], "not found"),
         "garbage": (["--pretrained", garbage], "cannot read checkpoint"),
-        "small_input": (["--pretrained", paths["exported"], "--small-input"], "--small-input here too"),
+        "small_input": (["--pretrained", paths["exported"], "--small-input"], "--small-input must match"),
         "eval_only": (["--eval-only"], "needs a trained head"),
         "no_data_dir": (["--dataset", "voc"], "needs --data-dir"),
         "bad_stride": (["--inference", "slide", "--window", "16", "--stride", "20", "--iters", "1"], "stride"),
