@@ -1,0 +1,366 @@
+"""visualize.py: each picture is a valid PNG of the size its layout gives and shows something; the
+matches drawn are the pairs models.losses.nearest returns; PCA colours behave; stats.txt parsing;
+every way of getting a backbone (checkpoint, model.pth, hub --weights, random); user errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+import visualize as vis
+from models.losses import nearest
+from transforms import location_grid
+
+from conftest import ROOT
+
+PANEL = 48
+
+
+def figure_wh(rows, cols, pw, ph):
+    """The documented layout: a title band, then rows of labelled panels separated by PAD."""
+    return vis.PAD + cols * (pw + vis.PAD), vis.TITLE_H + vis.PAD + rows * (vis.LABEL_H + ph + vis.PAD)
+
+
+def panel(fig, row, col, pw=PANEL, ph=PANEL):
+    x, y = vis._panel_xy(row, col, pw, ph)
+    return np.asarray(fig.crop((x, y, x + pw, y + ph)))
+
+
+def n_colours(a):
+    return len(np.unique(a.reshape(-1, a.shape[-1]), axis=0))
+
+
+def count_colour(a, colour):
+    return int((a.reshape(-1, 3) == np.array(colour)).all(axis=1).sum())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    net, _ = models.build_backbone("resnet_test", small_input=True)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return vis.load_images(builtin_indices=[0, 1], builtin_size=32)
+
+
+def run_main(*argv):
+    vis.main([str(a) for a in argv])
+
+
+def user_error(capsys, *argv):
+    """Run the CLI in process and return its error message; it must exit 2 without a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(*argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def test_render_features_layout_and_content(tiny, images):
+    fig = vis.render_features(tiny, images, size=32, panel=PANEL)
+    assert fig.mode == "RGB" and fig.size == figure_wh(len(images), 2, PANEL, PANEL)
+    for row in range(len(images)):
+        shown, pca = panel(fig, row, 0), panel(fig, row, 1)
+        assert shown.std() > 0 and pca.std() > 0
+        assert n_colours(pca) >= 4  # 4x4 cells of a random network: several distinct colours
+    fig3 = vis.render_features(tiny, images[:1], size=32, panel=PANEL, overlay=True, upsample="bilinear")
+    assert fig3.size == figure_wh(1, 3, PANEL, PANEL)
+
+
+def test_dense_features_stages(tiny, images):
+    x = torch.stack([vis.preprocess(im, 64)[0] for _, im in images])
+    last = vis.dense_features(tiny, x, 4)
+    assert last.shape == (2, 8, 8, 64)  # small-input ResNet: stride 8
+    assert torch.equal(last.reshape(2, 64, 64), tiny(x)[0])  # stage 4 is exactly the maps, row-major
+    assert vis.dense_features(tiny, x, 3).shape == (2, 16, 16, 32)
+
+
+def test_pca_rgb_properties():
+    torch.manual_seed(0)
+    # Features varying along one direction only: the first component follows it, the others are flat.
+    t = torch.linspace(0, 1, 16).pow(3).reshape(4, 4, 1)
+    direction = torch.randn(1, 1, 8)
+    rgb = vis.pca_rgb([t * direction], clip_percent=0)[0]
+    assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+    red = rgb[..., 0].reshape(-1).astype(int)
+    assert red[0] == 0 and red[-1] == 255 and (np.diff(red) >= 0).all()
+    assert (rgb[..., 1:] == 128).all()
+    # The sign of a component is fixed by its third moment: negating the features changes nothing.
+    f = torch.randn(5, 5, 16).pow(3)
+    assert np.array_equal(vis.pca_rgb([f])[0], vis.pca_rgb([-f])[0])
+    # Joint PCA: the same map in two images gets the same colours; constant features are grey-free 0.
+    a, b = vis.pca_rgb([f, f.clone()])
+    assert np.array_equal(a, b)
+    assert (vis.pca_rgb([torch.ones(3, 3, 4)])[0] == 0).all()
+
+
+def test_preprocess_shape_and_normalisation():
+    img = Image.new("RGB", (90, 60), (124, 116, 104))  # about the ImageNet mean
+    x, shown = vis.preprocess(img, 32)
+    assert x.shape == (3, 32, 32) and shown.size == (32, 32)
+    assert x.abs().max() < 0.02
+
+
+# ----------------------------------------------------------------------------- matches
+
+
+def test_matched_pairs_are_nearest():
+    torch.manual_seed(1)
+    a, b = torch.randn(9, 2) * 10, torch.randn(16, 2) * 10
+    pairs = vis.matched_pairs(a, b, 4)
+    kept, nn_idx = nearest(a[None], b[None], 4)
+    assert torch.equal(pairs, torch.stack([kept[0], nn_idx[0]], 1))
+    # Property: each pair joins a kept position to its nearest neighbour, and the kept positions are the
+    # 4 with the closest neighbours, in increasing position order.
+    dist = torch.cdist(a, b)
+    assert torch.equal(pairs[:, 1], dist.argmin(1)[pairs[:, 0]])
+    assert pairs[:, 0].tolist() == sorted(dist.min(1).values.argsort()[:4].tolist())
+    every = vis.matched_pairs(a, b, None)
+    assert every[:, 0].tolist() == list(range(9)) and torch.equal(every[:, 1], dist.argmin(1))
+
+
+def test_compute_matches_uses_the_loss_pairing(tiny):
+    _, image = vis.load_images(builtin_indices=[3], builtin_size=64)[0]
+    m = vis.compute_matches(tiny, image, (32, 24), ((0.3, 1.0), (0.2, 0.6)), (5, 3), seed=2)
+    for crop, grid, size in zip(m.crops, m.grids, (32, 24)):
+        i, j, h, w, H, W = crop
+        assert (H, W) == (64, 64) and 0 <= i and i + h <= H and 0 <= j and j + w <= W
+        side = tiny.map_size(size)
+        assert torch.equal(grid, location_grid(crop, side))
+    g1, g2 = (g.reshape(1, -1, 2) for g in m.grids)
+    kept, nn_idx = nearest(g1, g2, 5)
+    assert torch.equal(m.location["1->2"], torch.stack([kept[0], nn_idx[0]], 1))
+    kept, nn_idx = nearest(g2, g1, 3)  # reverse direction, stored as (cell of crop 1, cell of crop 2)
+    assert torch.equal(m.location["2->1"], torch.stack([nn_idx[0], kept[0]], 1))
+    maps = [tiny(vis._to_tensor(v)[None])[0] for v in m.views]
+    kept, nn_idx = nearest(maps[0], maps[1], 5)
+    assert torch.equal(m.feature["1->2"], torch.stack([kept[0], nn_idx[0]], 1))
+    assert m.image_distance(m.location["1->2"]) <= m.chance_distance()
+
+
+def test_identical_crops_match_every_cell_to_itself(tiny):
+    _, image = vis.load_images(builtin_indices=[0], builtin_size=32)[0]
+    # Scale 1 of a square image: the central-crop fallback, i.e. the whole image, for both crops.
+    m = vis.compute_matches(tiny, image, (32, 32), ((1.0, 1.0), (1.0, 1.0)), (16, 16), all_feature_matches=True)
+    assert m.crops[0] == m.crops[1] == (0, 0, 32, 32, 32, 32)
+    identity = torch.arange(16).repeat(2, 1).T
+    for pairs in (m.location["1->2"], m.location["2->1"], m.feature["1->2"], m.feature["2->1"]):
+        assert torch.equal(pairs, identity)
+    assert m.image_distance(m.feature["1->2"]) == 0
+
+
+def test_render_matches_layout_and_lines(tiny):
+    _, image = vis.load_images(builtin_indices=[2], builtin_size=64)[0]
+    m = vis.compute_matches(tiny, image, (32, 32), ((0.5, 1.0), (0.5, 1.0)), (6, 2), seed=0)
+    fig = vis.render_matches(image, m, panel=96)
+    assert fig.mode == "RGB" and fig.size == figure_wh(3, 2, 96, 96)
+    x0, y_loc = vis._panel_xy(1, 0, 96, 96)
+    _, y_feat = vis._panel_xy(2, 0, 96, 96)
+    loc_rows = np.asarray(fig.crop((0, y_loc, fig.width, y_loc + 96)))
+    feat_rows = np.asarray(fig.crop((0, y_feat, fig.width, y_feat + 96)))
+    assert count_colour(loc_rows, vis.LOCATION_COLOURS[0]) > 20
+    assert count_colour(feat_rows, vis.FEATURE_COLOURS[0]) > 20
+    assert count_colour(loc_rows, vis.FEATURE_COLOURS[0]) == 0  # two panels, one colour each
+    top = panel(fig, 0, 0, 96, 96)
+    assert count_colour(top, vis.CROP_COLOURS[0]) > 0 and count_colour(top, vis.CROP_COLOURS[1]) > 0
+
+
+# ----------------------------------------------------------------------------- curves
+
+STATS = [
+    "main_vicregl.py --dataset builtin --arch resnet_test --exp-dir exp",
+    {"ep": 0, "st": 0, "lr": 0.0, "t": "000000001", "inv_l": 5.0, "var_l": 16.0, "cov_l": 0.5, "minv_l": 8.0,
+     "mvar_l": 34.0, "mcov_l": 0.2, "cls_l": 2.3, "top1": 10.0, "top5": 50.0, "l": 30.0},
+    {"ep": 0, "st": 9, "lr": 1e-4, "t": "000000005", "inv_l": 4.0, "var_l": 12.0, "cov_l": 0.7, "minv_l": 7.0,
+     "mvar_l": 30.0, "mcov_l": 0.3, "cls_l": 2.1, "top1": 20.0, "top5": 60.0, "l": 25.0},
+    "Val: " + json.dumps({"ep": 0, "clsl_val": 2.2, "top1_val": 15.0, "top5_val": 55.0}),
+    {"ep": 1, "st": 14, "lr": 2e-4, "t": "000000009", "inv_l": 3.0, "var_l": 10.0, "cov_l": 0.9, "minv_l": 6.0,
+     "mvar_l": 28.0, "mcov_l": 0.4, "cls_l": 2.0, "top1": 25.0, "top5": 65.0, "l": 22.0},
+    "main_vicregl.py --dataset builtin --arch resnet_test --exp-dir exp",  # resumed: redoes step 14
+    {"ep": 1, "st": 14, "lr": 2e-4, "t": "000000010", "inv_l": 2.5, "var_l": 10.0, "cov_l": 0.9, "minv_l": 6.0,
+     "mvar_l": 28.0, "mcov_l": 0.4, "cls_l": 2.0, "top1": 25.0, "top5": 65.0, "l": 21.0},
+    {"ep": 1, "st": 19, "lr": 1e-4, "t": "000000012", "inv_l": 2.0, "var_l": 9.0, "cov_l": 1.0, "minv_l": 5.0,
+     "mvar_l": 27.0, "mcov_l": 0.5, "cls_l": 1.9, "top1": 30.0, "top5": 70.0, "l": 20.0},
+    "Val: " + json.dumps({"ep": 1, "clsl_val": 1.9, "top1_val": 28.0, "top5_val": 66.0}),
+    '{"ep": 2, "st": 20, "inv_l": 1.',  # cut off by a crash
+]
+
+
+@pytest.fixture
+def stats_file(tmp_path):
+    exp = tmp_path / "run_a"
+    exp.mkdir()
+    (exp / "stats.txt").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in STATS) + "\n")
+    return exp / "stats.txt"
+
+
+def test_read_stats(stats_file):
+    run = vis.read_stats(str(stats_file.parent))  # the experiment folder works too
+    assert run.label == "run_a" and len(run.commands) == 2 and run.skipped == 1
+    assert run.series["inv_l"] == ([0, 9, 14, 19], [5.0, 4.0, 2.5, 2.0])  # step 14 keeps its last value
+    assert run.series["top1_val"] == ([9, 19], [15.0, 28.0])  # at the last step of epochs 0 and 1
+    assert "t" not in run.series and "ep" not in run.series
+
+
+def test_render_curves_layout_and_content(stats_file, tmp_path):
+    run = vis.read_stats(str(stats_file))
+    fig = vis.render_curves([run], cols=4, panel_size=(160, 120))
+    keys = list(vis.DEFAULT_KEYS)  # all ten are in the file
+    rows = -(-len(keys) // 4)
+    assert fig.mode == "RGB" and fig.size == figure_wh(rows, 4, 160, 120)
+    for n in range(len(keys)):
+        plot = panel(fig, n // 4, n % 4, 160, 120)
+        assert count_colour(plot, vis.RUN_COLOURS[0]) > 30  # a drawn curve in every plot
+    assert panel(fig, rows - 1, 3, 160, 120).std() == 0  # the grid's unused cells stay blank
+    two = vis.render_curves([run, vis.read_stats(str(stats_file), "b")], keys=["l", "lr"], cols=4,
+                            panel_size=(160, 120))
+    assert two.size == figure_wh(1, 2, 160, 120)
+    assert count_colour(panel(two, 0, 0, 160, 120), vis.RUN_COLOURS[1]) > 30
+
+
+def test_nice_ticks():
+    ticks = vis.nice_ticks(0.13, 0.87, 5)
+    assert ticks == [0.2, 0.4, 0.6, 0.8]
+    for lo, hi in [(0, 1), (-3.7, 12.2), (1e-5, 3e-5), (100, 100000)]:
+        t = vis.nice_ticks(lo, hi, 5)
+        assert 2 <= len(t) <= 9 and all(lo - 1e-12 <= v <= hi + 1e-12 for v in t)
+    assert vis.nice_ticks(2.0, 2.0) == [2.0]
+
+
+def test_curves_cli(stats_file, tmp_path, capsys):
+    other = tmp_path / "b.txt"
+    other.write_text(stats_file.read_text())
+    run_main("curves", stats_file, other, "--labels", "first", "second", "--keys", "l", "top1_val", "lr")
+    out = stats_file.parent / "curves.png"  # default: next to the first stats file
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == figure_wh(1, 3, 240, 170)
+    assert "wrote" in capsys.readouterr().out
+    assert "top9" in user_error(capsys, "curves", stats_file, "--keys", "top9", "--out", tmp_path / "x.png")
+    assert "not found" in user_error(capsys, "curves", tmp_path / "missing.txt")
+
+
+# ----------------------------------------------------------------------------- backbones and CLI
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    """A small-input resnet_test exported as backbone.pth (plain keys), in its own experiment folder."""
+    exp = tmp_path_factory.mktemp("exp")
+    torch.manual_seed(3)
+    net, _ = models.build_backbone("resnet_test", small_input=True)
+    torch.save(net.state_dict(), exp / "backbone.pth")
+    return exp / "backbone.pth", net
+
+
+def test_features_cli_from_backbone_file_guesses_arch(backbone_file, capsys):
+    path, net = backbone_file
+    loaded = vis.load_backbone(str(path))
+    assert (loaded.arch, loaded.small_input) == ("resnet_test", True)  # guessed from the shapes
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(loaded.backbone(x)[0], net.eval()(x)[0])
+    # With --arch alone the small-input stem is still read from the weights (conv1's shape).
+    run_main("features", "--checkpoint", path, "--arch", "resnet_test", "--builtin-index", 0, 1, 2,
+             "--builtin-size", 32, "--size", 32, "--panel", PANEL)
+    with Image.open(path.parent / "features.png") as im:  # default: next to the checkpoint
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == figure_wh(3, 2, PANEL, PANEL)
+
+
+def test_model_pth_reads_saved_args(tmp_path, capsys):
+    torch.manual_seed(4)
+    net, _ = models.build_backbone("convnext_test")
+    model = {f"module.backbone.{k}": v for k, v in net.state_dict().items()}
+    model["module.projector.0.weight"] = torch.zeros(8, 64)
+    torch.save({"epoch": 1, "model": model, "args": {"arch": "convnext_test", "small_input": False}},
+               tmp_path / "model.pth")
+    loaded = vis.load_backbone(str(tmp_path / "model.pth"))
+    assert loaded.arch == "convnext_test" and not loaded.small_input
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.backbone.state_dict().items())
+    run_main("matches", "--checkpoint", tmp_path / "model.pth", "--builtin-size", 64, "--size-crops", 64, 64,
+             "--panel", 64, "--out", tmp_path / "m.png")
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.size == figure_wh(3, 2, 64, 64) and np.asarray(im).std() > 0
+    # A saved small-input ResNet is rebuilt with the small-input stem from args alone.
+    torch.manual_seed(5)
+    small, _ = models.build_backbone("resnet_test", small_input=True)
+    torch.save({"model": {f"module.backbone.{k}": v for k, v in small.state_dict().items()},
+                "args": {"arch": "resnet_test", "small_input": True}}, tmp_path / "small.pth")
+    assert vis.load_backbone(str(tmp_path / "small.pth")).small_input
+
+
+def test_hub_with_weights(tmp_path, capsys):
+    torch.manual_seed(6)
+    net, _ = models.build_backbone("resnet50")
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
+               tmp_path / "r50.pth")
+    run_main("features", "--hub", "resnet50_alpha0p9", "--weights", tmp_path / "r50.pth", "--builtin-index", 0,
+             "--builtin-size", 32, "--size", 64, "--panel", PANEL, "--out", tmp_path / "f.png")
+    with Image.open(tmp_path / "f.png") as im:
+        assert im.size == figure_wh(1, 2, PANEL, PANEL)
+        assert n_colours(panel(im.convert("RGB"), 0, 1)) >= 4  # 2x2 cells of distinct features
+
+
+def test_hub_offline_is_a_user_error(monkeypatch, capsys, tmp_path):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    err = user_error(capsys, "features", "--hub", "resnet50_alpha0p9", "--out", tmp_path / "f.png")
+    assert "--weights" in err
+
+
+def test_random_backbone(images):
+    a = vis.load_backbone(random_init=True, arch="convnext_test", seed=1)
+    b = vis.load_backbone(random_init=True, arch="convnext_test", seed=1)
+    assert a.source == "random init" and not a.backbone.training
+    assert all(torch.equal(x, y) for x, y in zip(a.backbone.parameters(), b.backbone.parameters()))
+
+
+def test_user_errors(capsys, tmp_path, backbone_file):
+    out = ["--out", tmp_path / "x.png"]
+    assert "not found" in user_error(capsys, "features", "--checkpoint", tmp_path / "nope.pth", *out)
+    assert "unknown --arch" in user_error(capsys, "features", "--random", "--arch", "resnet9000", *out)
+    assert "unknown --hub" in user_error(capsys, "matches", "--hub", "resnet51_alpha0p9", "--random", *out)
+    assert "image not found" in user_error(capsys, "features", "--random", "--arch", "resnet_test",
+                                           "--image", tmp_path / "none.jpg", *out)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert "cannot read image" in user_error(capsys, "features", "--random", "--arch", "resnet_test",
+                                             "--image", bad, *out)
+    assert "--weights goes with --hub" in user_error(capsys, "features", "--checkpoint", backbone_file[0],
+                                                     "--weights", backbone_file[0], *out)
+    assert "one backbone source" in user_error(capsys, "features", *out)
+    assert "ResNet backbones only" in user_error(capsys, "features", "--random", "--arch", "convnext_test",
+                                                 "--small-input", *out)
+    # Weights that do not fit the asked architecture: the strict loader's explanation, naming the file.
+    err = user_error(capsys, "features", "--checkpoint", backbone_file[0], "--arch", "resnet18", *out)
+    assert str(backbone_file[0]) in err and "resnet_test" in err
+    assert "--num_matches" in user_error(capsys, "matches", "--random", "--arch", "resnet_test", "--small-input",
+                                         "--size-crops", 32, 32, "--num_matches", 17, 4, "--builtin-size", 32, *out)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_help_reads_well(capsys):
+    for command in ("features", "matches", "curves"):
+        with pytest.raises(SystemExit) as exc:
+            run_main(command, "--help")
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "--out" in text and "show this help" in text
+        if command != "curves":
+            assert "--checkpoint" in text and "--hub" in text and "--random" in text
+
+
+def test_script_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "visualize.py", "features", "--checkpoint", str(tmp_path / "none.pth")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not found" in proc.stderr
