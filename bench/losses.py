@@ -1,7 +1,7 @@
 """Time the VICRegL losses (forward + backward) against a plain formulation run in the same process.
 
-    python bench/losses.py                 # default shapes: B 64, two 7x7 + six 3x3 views, C 512, D 8192
-    python bench/losses.py --batch 256     # another per-process batch
+    python bench/losses.py                         # N 64 (plus the sweep, precision and processes below)
+    python bench/losses.py --sweep --processes     # only the default shapes
 
 The plain formulation is the textbook one: a D x D (or C x C per slot) covariance matrix for every
 view and matched slot, pairs in Python loops. Ratios are plain / ours; the reference
@@ -68,12 +68,34 @@ def plain_local(maps, locs, num_matches=(20, 4), inv_c=25.0, var_c=25.0, cov_c=1
 # ----------------------------------------------------------------------------- timing
 
 def _time(fn, leaves, repeat):
+    """Best wall time of forward + backward over ``repeat`` runs."""
     best = float("inf")
     for _ in range(repeat):
         for t in leaves:
             t.grad = None
         start = time.perf_counter()
         sum(fn()).backward()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _time_plain_local_streaming(maps, locs, repeat):
+    """The plain local loss with a backward per matching direction, so that its per-slot covariance
+    matrices never all sit in memory at once (the same arithmetic and result as plain_local)."""
+    best = float("inf")
+    grids = [g.flatten(1, 2) for g in locs]
+    pairs = [(i, j) for i in range(2) for j in range(len(maps)) if j != i]
+    for _ in range(repeat):
+        for t in maps:
+            t.grad = None
+        start = time.perf_counter()
+        for i, j in pairs:
+            for a_d, b_d, a_f, b_f, k in ((maps[i], maps[j], maps[i], maps[j], maps[i].shape[1]),
+                                          (maps[j], maps[i], maps[j], maps[i], maps[j].shape[1]),
+                                          (grids[i], grids[j], maps[i], maps[j], 20),
+                                          (grids[j], grids[i], maps[j], maps[i], 4)):
+                inv, var, cov = _plain_slots(*match(a_d, b_d, a_f, b_f, k))
+                ((25 * inv + 25 * var + cov) / (2 * len(pairs))).backward()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -87,27 +109,91 @@ def inputs(batch, dim, channels, seed=0, dtype=torch.float32):
     return emb, maps, locs
 
 
+def compare(batch, dim, channels, repeat, reference=False):
+    emb, maps, locs = inputs(batch, dim, channels)
+    rows = [("global", lambda: global_loss(emb), lambda: _time(lambda: plain_global(emb), emb, 1), emb),
+            ("local", lambda: local_loss(maps, locs), lambda: _time_plain_local_streaming(maps, locs, 1), maps)]
+    for name, ours, plain, leaves in rows:
+        t_ours = _time(ours, leaves, repeat)
+        t_plain = plain()
+        ref = f"{REFERENCE_SECONDS[name] / t_ours:14.1f}x" if reference else ""
+        print(f"{batch:6d} {name:8s}{t_plain:10.3f}{t_ours:10.3f}{t_plain / t_ours:12.1f}x{ref}", flush=True)
+
+
+def precision(batch, dim, channels):
+    """Relative difference of float32 results from float64 on the same inputs."""
+    e64, m64, l64 = inputs(batch, dim, channels, dtype=torch.float64)
+    for name, fn, args in (("global", global_loss, (e64,)), ("local", local_loss, (m64, l64))):
+        exact = torch.stack(fn(*args)).detach()
+        single = torch.stack(fn(*[[t.float() for t in a] for a in args])).detach().double()
+        rel = float(((single - exact).abs() / exact.abs()).max())
+        print(f"  {name:8s} max relative difference float32 vs float64 over (inv, var, cov): {rel:.2e}")
+
+
+def _process(rank, world, init_file, batch, dim, channels, repeat, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    emb, maps, locs = inputs(batch, dim, channels)  # the same global batch everywhere
+    part = lambda xs: [x.detach().chunk(world)[rank].clone().requires_grad_() for x in xs]
+    emb, maps, locs = part(emb), part(maps), [l.chunk(world)[rank] for l in locs]
+    times = []
+    for fn, leaves in ((lambda: global_loss(emb), emb), (lambda: local_loss(maps, locs), maps)):
+        best = float("inf")
+        for _ in range(repeat):
+            for t in leaves:
+                t.grad = None
+            dist.barrier()
+            start = time.process_time()  # this process's CPU seconds: its share of the work
+            sum(fn()).backward()
+            best = min(best, time.process_time() - start)
+        times.append(best)
+    t = torch.tensor(times)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        torch.save(t, out)
+    dist.destroy_process_group()
+
+
+def processes(batch, dim, channels, repeat, worlds):
+    import tempfile
+    import torch.multiprocessing as mp
+    for world in worlds:
+        if batch % world:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "t.pt")
+            mp.start_processes(_process, args=(world, os.path.join(tmp, "init"), batch, dim, channels, repeat, out),
+                               nprocs=world, start_method="spawn")
+            g, l = torch.load(out).tolist()
+        print(f"  W {world}: per-process CPU seconds (slowest process)  global {g:7.3f}   local {l:7.3f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64, help="per-process batch B (default 64)")
+    parser.add_argument("--batch", type=int, default=64, help="gathered batch N of the default comparison (64)")
     parser.add_argument("--dim", type=int, default=8192, help="global expander width D (default 8192)")
     parser.add_argument("--channels", type=int, default=512, help="local expander width C (default 512)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of ours; the best is kept")
+    parser.add_argument("--sweep", type=int, nargs="*", default=[256, 1024],
+                        help="further N to compare plain and ours at (the plain formulation takes minutes at 1024)")
+    parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4],
+                        help="gloo process counts for the sharded per-process timing (empty: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    emb, maps, locs = inputs(args.batch, args.dim, args.channels)
-    print(f"B {args.batch}, D {args.dim}, C {args.channels}, views 2x7x7 + 6x3x3, "
-          f"{torch.get_num_threads()} threads, forward + backward, best of {args.repeat}")
-    rows = [("global", lambda: global_loss(emb), lambda: plain_global(emb), emb),
-            ("local", lambda: local_loss(maps, locs), lambda: plain_local(maps, locs), maps)]
-    print(f"{'loss':8s}{'plain s':>10s}{'ours s':>10s}{'plain/ours':>12s}{'reference/ours':>16s}")
-    for name, ours, plain, leaves in rows:
-        t_ours = _time(ours, leaves, args.repeat)
-        t_plain = _time(plain, leaves, max(1, args.repeat - 2))
-        ref = REFERENCE_SECONDS[name] if (args.batch, args.dim, args.channels) == (64, 8192, 512) else float("nan")
-        print(f"{name:8s}{t_plain:10.3f}{t_ours:10.3f}{t_plain / t_ours:12.1f}x{ref / t_ours:15.1f}x")
+    print(f"D {args.dim}, C {args.channels}, views 2x7x7 + 6x3x3, {torch.get_num_threads()} threads, "
+          f"forward + backward in seconds (ours: best of {args.repeat}; plain: one run)")
+    print(f"{'N':>6s} {'loss':8s}{'plain':>10s}{'ours':>10s}{'plain/ours':>13s}{'reference/ours':>15s}")
+    compare(args.batch, args.dim, args.channels, args.repeat, reference=(args.batch, args.dim, args.channels) == (64, 8192, 512))
+    for n in args.sweep:
+        compare(n, args.dim, args.channels, max(1, args.repeat - 2))
+    print("precision at the default shapes:")
+    precision(args.batch, args.dim, args.channels)
+    if args.processes:
+        print(f"sharded over W gloo processes (N {args.batch} in all, one thread each):")
+        processes(args.batch, args.dim, args.channels, args.repeat, args.processes)
 
 
 if __name__ == "__main__":
