@@ -370,14 +370,17 @@ def pca_rgb(features: Sequence[Tensor], clip_percent: float = 1.0, joint: bool =
 
 def render_features(backbone: nn.Module, images: Sequence, size: Optional[int] = None, stage: int = 4,
                     upsample: str = "nearest", joint: bool = True, clip_percent: float = 1.0,
-                    panel: int = 224, overlay: bool = False, title: str = "") -> Image.Image:
+                    panel: int = 224, overlay: bool = False, title: str = "",
+                    compare: Sequence[Tuple[str, nn.Module]] = ()) -> Image.Image:
     """Each image next to its dense features' first three principal components as RGB.
 
     images: PIL images or (name, PIL image) pairs, one figure row each. size: the side the images
     are resized and centre-cropped to before the backbone (default 14 cells: 448 for stride 32,
     112 for a small-input ResNet). upsample: 'nearest' (shows the cells) or 'bilinear'. With
-    ``overlay`` a third panel blends image and colours. Panels are ``panel`` pixels square.
-    Returns the figure (layout: ``figure_size(len(images), 2 or 3, panel, panel)``).
+    ``overlay`` a panel blends image and colours. ``compare``: (name, backbone) pairs shown in
+    further columns with their own PCA (e.g. a randomly initialised baseline of the same arch).
+    Panels are ``panel`` pixels square. Returns the figure, laid out as
+    ``figure_size(len(images), 2 + overlay + len(compare), panel, panel)``.
     """
     if upsample not in ("nearest", "bilinear"):
         raise ValueError(f"upsample must be 'nearest' or 'bilinear', got {upsample!r}")
@@ -390,20 +393,25 @@ def render_features(backbone: nn.Module, images: Sequence, size: Optional[int] =
     if backbone.map_size(size) < 1:
         raise UserError(f"--size {size} is too small for this backbone (its feature map would be empty)")
     tensors, shown = zip(*(preprocess(im, size) for _, im in named))
-    device = next(backbone.parameters()).device
-    feats = dense_features(backbone, torch.stack(tensors).to(device), stage).cpu()  # (B, h, w, C)
-    colours = pca_rgb(list(feats), clip_percent, joint)
-    cols = 3 if overlay else 2
+    columns = []  # per backbone: (label, one (h, w, 3) colour map per image)
+    for label, net in [("", backbone), *compare]:
+        x = torch.stack(tensors).to(next(net.parameters()).device)
+        feats = dense_features(net, x, stage).cpu()  # (B, h, w, C)
+        h, w, c = feats.shape[1:]
+        columns.append((f"{label + ': ' if label else ''}PCA of stage {stage}, {h}x{w} cells, {c} channels",
+                        pca_rgb(list(feats), clip_percent, joint)))
+    cols = 1 + len(columns) + overlay
     fig, draw = _canvas(len(named), cols, panel, panel, title or "first three principal components of the "
                         "dense features as RGB")
     resample = Image.NEAREST if upsample == "nearest" else Image.BILINEAR
-    h, w, c = feats.shape[1:]
-    for row, ((name, _), img, rgb) in enumerate(zip(named, shown, colours)):
-        pca = Image.fromarray(rgb, "RGB").resize((panel, panel), resample)
+    for row, ((name, _), img) in enumerate(zip(named, shown)):
         img = _resized(img, (panel, panel))
-        tiles = [(img, f"{name}, {size} px"), (pca, f"PCA of stage {stage}: {h}x{w} cells, {c} channels")]
-        if overlay:
-            tiles.append((Image.blend(img, pca, 0.6), "overlay"))
+        tiles = [(img, f"{name}, {size} px")]
+        for n, (label, colours) in enumerate(columns):
+            pca = Image.fromarray(colours[row], "RGB").resize((panel, panel), resample)
+            tiles.append((pca, label))
+            if overlay and n == 0:
+                tiles.append((Image.blend(img, pca, 0.6), "overlay"))
         for col, (tile, text) in enumerate(tiles):
             xy = _panel_xy(row, col, panel, panel)
             fig.paste(tile, xy)
@@ -898,7 +906,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="one PCA per image (more contrast) instead of one over all images (comparable colours)")
     f.add_argument("--clip-percent", type=float, default=1.0,
                    help="each component is scaled between its p-th and (100-p)-th percentiles")
-    f.add_argument("--overlay", action="store_true", help="add a third panel blending the image and the colours")
+    f.add_argument("--overlay", action="store_true", help="add a panel blending the image and the colours")
+    f.add_argument("--compare-random", action="store_true",
+                   help="add a column for a randomly initialised backbone of the same architecture (seeded by "
+                        "--seed): what the colours of an untrained network look like")
     f.add_argument("--panel", type=int, default=224, help="side of each panel in the picture, in pixels")
     f.add_argument("--out", help="output PNG (default: features.png next to --checkpoint, else in the current folder)")
 
@@ -979,8 +990,12 @@ def _images_from_args(args, default_indices: Sequence[int]):
 def _run_features(args) -> None:
     loaded = _loaded_from_args(args)
     images = _images_from_args(args, [0, 1, 2, 3])
+    compare = []
+    if args.compare_random:
+        baseline = load_backbone(random_init=True, arch=loaded.arch, small_input=loaded.small_input, seed=args.seed)
+        compare.append(("random init", baseline.backbone.to(next(loaded.backbone.parameters()).device)))
     fig = render_features(loaded.backbone, images, args.size, args.stage, args.upsample, not args.per_image_pca,
-                          args.clip_percent, args.panel, args.overlay,
+                          args.clip_percent, args.panel, args.overlay, compare=compare, title=
                           f"{loaded.arch}{' (small input)' if loaded.small_input else ''}, {loaded.source}: "
                           "dense features, 3 principal components as RGB")
     _save(fig, _default_out(args, "features.png"))

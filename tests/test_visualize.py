@@ -76,6 +76,10 @@ def test_render_features_layout_and_content(tiny, images):
         assert n_colours(pca) >= 4  # 4x4 cells of a random network: several distinct colours
     fig3 = vis.render_features(tiny, images[:1], size=32, panel=PANEL, overlay=True, upsample="bilinear")
     assert fig3.size == figure_wh(1, 3, PANEL, PANEL)
+    # A compared backbone gets its own column and its own PCA: the same network gives the same colours.
+    fig4 = vis.render_features(tiny, images, size=32, panel=PANEL, compare=[("again", tiny)])
+    assert fig4.size == figure_wh(len(images), 3, PANEL, PANEL)
+    assert np.array_equal(panel(fig4, 1, 1), panel(fig4, 1, 2)) and np.array_equal(panel(fig4, 1, 1), panel(fig, 1, 1))
 
 
 def test_dense_features_stages(tiny, images):
@@ -271,9 +275,11 @@ def test_features_cli_from_backbone_file_guesses_arch(backbone_file, capsys):
     assert torch.equal(loaded.backbone(x)[0], net.eval()(x)[0])
     # With --arch alone the small-input stem is still read from the weights (conv1's shape).
     run_main("features", "--checkpoint", path, "--arch", "resnet_test", "--builtin-index", 0, 1, 2,
-             "--builtin-size", 32, "--size", 32, "--panel", PANEL)
+             "--builtin-size", 32, "--size", 32, "--panel", PANEL, "--compare-random")
     with Image.open(path.parent / "features.png") as im:  # default: next to the checkpoint
-        assert im.format == "PNG" and im.mode == "RGB" and im.size == figure_wh(3, 2, PANEL, PANEL)
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == figure_wh(3, 3, PANEL, PANEL)
+        trained, random = panel(im, 0, 1), panel(im, 0, 2)
+        assert n_colours(trained) >= 4 and n_colours(random) >= 4 and not np.array_equal(trained, random)
 
 
 def test_model_pth_reads_saved_args(tmp_path, capsys):
