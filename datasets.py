@@ -313,6 +313,7 @@ class BuiltinDataset(Dataset):
         self.num_images = num_images if num_images is not None else (10000 if split == "train" else 2000)
         self.image_size = image_size
         self.num_classes = num_classes
+        self.num_object_classes = num_classes  # what scenes are drawn from (subclasses may count more)
         self.seed = seed
         self.transform = transform
         self.max_objects = max_objects
@@ -325,7 +326,7 @@ class BuiltinDataset(Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         rng = np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index])
-        image, mask, label = render_scene(rng, self.image_size, self.num_classes, self.max_objects)
+        image, mask, label = render_scene(rng, self.image_size, self.num_object_classes, self.max_objects)
         return Image.fromarray(image), mask, label
 
     def __getitem__(self, index: int):
@@ -348,8 +349,7 @@ class BuiltinSegmentation(BuiltinDataset):
                  image_size: int = 64, num_classes: int = 10, seed: int = 0,
                  transform: Optional[Callable] = None, max_objects: int = 4):
         super().__init__(split, num_images, image_size, num_classes, seed, None, max_objects)
-        self.num_object_classes = num_classes
-        self.num_classes = num_classes + 1
+        self.num_classes = num_classes + 1  # with the background; scenes keep num_object_classes
         self.joint_transform = transform
 
     def __getitem__(self, index: int):

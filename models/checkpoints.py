@@ -11,6 +11,7 @@ Shared by ``evaluate.py``, ``hubconf.py`` and ``segmentation/``.
 Also here: the published files' URLs (``published_url``) and the whole pretraining model from a
 full checkpoint, expanders and online classifier included (``load_pretraining_model``).
 """
+import functools
 import os
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
@@ -121,15 +122,28 @@ def _describe(source) -> str:
 
 
 def guess_arch(sd: Mapping[str, Tensor]) -> Optional[str]:
-    """The registered architecture whose parameter names and shapes equal ``sd``'s, if any."""
-    from . import BACKBONES, build_backbone  # late import: models/__init__ imports this module's users
+    """The registered architecture whose parameter names and shapes equal ``sd``'s, if any.
+
+    Only architectures of the file's family with as many entries are built (on the meta device,
+    once per process), so a failed load explains itself in milliseconds."""
+    from . import BACKBONES, backbone_family  # late import: models/__init__ imports this module's users
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    family = "resnet" if "conv1.weight" in shapes else "convnext" if "downsample_layers.0.0.weight" in shapes else None
     for arch in BACKBONES:
-        with torch.device("meta"):
-            net, _ = build_backbone(arch)
-        if {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes:
+        if backbone_family(arch) != family:
+            continue
+        own = _arch_shapes(arch)
+        if len(own) == len(shapes) and own == shapes:
             return arch
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_shapes(arch: str) -> Dict[str, Tuple[int, ...]]:
+    from . import build_backbone
+    with torch.device("meta"):
+        net, _ = build_backbone(arch)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
 def published_url(arch: str, alpha: float, full_checkpoint: bool = False) -> str:

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -11,8 +12,9 @@ SHARED = ROOT.parent / "shared"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Keep the suite quick and deterministic on small CPUs.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
+# per process can make them 10x slower: one thread here and in the scripts the tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture
@@ -28,3 +30,6 @@ def cifar_mini():
     if not path.is_dir():
         pytest.skip("../shared/data/cifar10-mini is not available")
     return path
+
+
+torch.set_num_threads(1)

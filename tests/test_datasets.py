@@ -335,3 +335,12 @@ def test_training_views_depend_only_on_seed_epoch_and_index():
             assert torch.equal(va, vb)
     other_epoch = next(iter(datasets.epoch_iterator(_views_loader(0), epoch=2)))
     assert not torch.equal(other_epoch[0][0][0], full[0][0][0][0])
+
+
+def test_builtin_segmentation_masks_stay_within_their_classes():
+    seg = datasets.BuiltinSegmentation("val", num_images=40, image_size=32, num_classes=3)
+    assert seg.num_classes == 4  # background + 3 object classes
+    values = set()
+    for i in range(len(seg)):
+        values |= set(np.unique(seg[i][1].numpy()).tolist())
+    assert values <= {0, 1, 2, 3} and len(values) == 4
