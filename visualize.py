@@ -398,7 +398,7 @@ def render_features(backbone: nn.Module, images: Sequence, size: Optional[int] =
         x = torch.stack(tensors).to(next(net.parameters()).device)
         feats = dense_features(net, x, stage).cpu()  # (B, h, w, C)
         h, w, c = feats.shape[1:]
-        columns.append((f"{label + ': ' if label else ''}PCA of stage {stage}, {h}x{w} cells, {c} channels",
+        columns.append((f"{label or 'PCA'}, stage {stage}, {h}x{w}x{c}",
                         pca_rgb(list(feats), clip_percent, joint)))
     cols = 1 + len(columns) + overlay
     fig, draw = _canvas(len(named), cols, panel, panel, title or "first three principal components of the "
@@ -556,7 +556,7 @@ def render_matches(image: Image.Image, m: CropMatches, panel: int = 224, title: 
         draw.rectangle((x0, y0, x0 + w * scale - 1, y0 + h * scale - 1), outline=CROP_COLOURS[v], width=2)
         for r, c in m.grids[v].reshape(-1, 2).tolist():
             _dot(draw, (origin[0] + ox + c * scale, origin[1] + oy + r * scale), 1.5, CROP_COLOURS[v])
-    _label(draw, origin, f"image {image.width}x{image.height} with the crops' boxes and cell centres", panel)
+    _label(draw, origin, f"image {image.width}x{image.height}: crop boxes, cell centres", panel)
     _draw_legend(draw, m, _panel_xy(0, 1, panel, panel), panel)
     _draw_pair_panels(fig, draw, m, 1, panel, m.location, LOCATION_COLOURS, "location")
     _draw_pair_panels(fig, draw, m, 2, panel, m.feature, FEATURE_COLOURS, "features")
@@ -806,6 +806,10 @@ def render_curves(runs: Sequence[RunStats], keys: Optional[Sequence[str]] = None
             draw.line((x, y + 8, x + 18, y + 8), fill=RUN_COLOURS[index % len(RUN_COLOURS)], width=3)
             draw.text((x + 22, y), text, fill=INK, font=_font(12))
             x += 22 + _text_width(text, _font(12)) + 16
+    if len(runs) == 1 and runs[0].commands:  # one run: room for how it was started
+        room = fig.width - PAD - x
+        if room > 60:
+            draw.text((x, 5), _fit(runs[0].commands[0], room, _font(11)), fill=GREY, font=_font(11))
     shift = (len(legend) - 1) * LABEL_H
     steps = [s for r in runs for k in keys if k in r.series for s in r.series[k][0]]
     x_range = (min(steps), max(steps)) if steps else (0, 1)
@@ -912,6 +916,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--seed): what the colours of an untrained network look like")
     f.add_argument("--panel", type=int, default=224, help="side of each panel in the picture, in pixels")
     f.add_argument("--out", help="output PNG (default: features.png next to --checkpoint, else in the current folder)")
+    f.add_argument("--palette", action="store_true",
+                   help="save with a 256-colour palette (smaller files, e.g. for documentation)")
 
     m = sub.add_parser("matches", formatter_class=fmt,
                        help="two random crops of one image with their location and feature-space matches",
@@ -938,6 +944,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "instead of the best K1 / K2")
     m.add_argument("--panel", type=int, default=224, help="side of each panel in the picture, in pixels")
     m.add_argument("--out", help="output PNG (default: matches.png next to --checkpoint, else in the current folder)")
+    m.add_argument("--palette", action="store_true",
+                   help="save with a 256-colour palette (smaller files, e.g. for documentation)")
 
     c = sub.add_parser("curves", formatter_class=fmt, help="training curves of every loss term from stats.txt files",
                        description="Plot every loss term and the online probe's accuracy against the training "
@@ -951,10 +959,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     c.add_argument("--panel-size", type=int, nargs=2, default=[240, 170], metavar=("W", "H"),
                    help="size of each plot in pixels")
     c.add_argument("--out", help="output PNG (default: curves.png next to the first stats file)")
+    c.add_argument("--palette", action="store_true",
+                   help="save with a 256-colour palette (smaller files, e.g. for documentation)")
     return parser
 
 
-def _save(fig: Image.Image, out: Path) -> None:
+def _save(fig: Image.Image, out: Path, palette: bool = False) -> None:
+    if palette:  # 256 colours, no dithering: about 3x smaller for figures with photos or noise
+        fig = fig.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.save(out, format="PNG", optimize=True)
@@ -996,9 +1008,9 @@ def _run_features(args) -> None:
         compare.append(("random init", baseline.backbone.to(next(loaded.backbone.parameters()).device)))
     fig = render_features(loaded.backbone, images, args.size, args.stage, args.upsample, not args.per_image_pca,
                           args.clip_percent, args.panel, args.overlay, compare=compare, title=
-                          f"{loaded.arch}{' (small input)' if loaded.small_input else ''}, {loaded.source}: "
-                          "dense features, 3 principal components as RGB")
-    _save(fig, _default_out(args, "features.png"))
+                          "dense features, 3 principal components as RGB: "
+                          f"{loaded.arch}{' (small input)' if loaded.small_input else ''}, {loaded.source}")
+    _save(fig, _default_out(args, "features.png"), args.palette)
 
 
 def _run_matches(args) -> None:
@@ -1016,7 +1028,7 @@ def _run_matches(args) -> None:
     result = compute_matches(loaded.backbone, image, sizes, list(zip(args.min_scale_crops, args.max_scale_crops)),
                              k, args.l2_all_matches, args.seed)
     fig = render_matches(image, result, args.panel, f"{name}, {loaded.arch} from {loaded.source} (seed {args.seed})")
-    _save(fig, _default_out(args, "matches.png"))
+    _save(fig, _default_out(args, "matches.png"), args.palette)
 
 
 def _run_curves(args) -> None:
@@ -1030,7 +1042,7 @@ def _run_curves(args) -> None:
             raise UserError(f"{run.path} holds no metrics (no JSON line)")
     fig = render_curves(runs, args.keys, args.cols, tuple(args.panel_size))
     out = Path(args.out) if args.out else _stats_path(args.stats[0]).parent / "curves.png"
-    _save(fig, out)
+    _save(fig, out, args.palette)
 
 
 @exit_on_user_error

@@ -293,9 +293,9 @@ def test_model_pth_reads_saved_args(tmp_path, capsys):
     assert loaded.arch == "convnext_test" and not loaded.small_input
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.backbone.state_dict().items())
     run_main("matches", "--checkpoint", tmp_path / "model.pth", "--builtin-size", 64, "--size-crops", 64, 64,
-             "--panel", 64, "--out", tmp_path / "m.png")
-    with Image.open(tmp_path / "m.png") as im:
-        assert im.size == figure_wh(3, 2, 64, 64) and np.asarray(im).std() > 0
+             "--panel", 64, "--out", tmp_path / "m.png", "--palette")
+    with Image.open(tmp_path / "m.png") as im:  # --palette: 256 colours, same layout
+        assert im.mode == "P" and im.size == figure_wh(3, 2, 64, 64) and np.asarray(im.convert("RGB")).std() > 0
     # A saved small-input ResNet is rebuilt with the small-input stem from args alone.
     torch.manual_seed(5)
     small, _ = models.build_backbone("resnet_test", small_input=True)
