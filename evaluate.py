@@ -11,9 +11,7 @@ loop. Rank 0 writes ``exp_dir/stats.txt`` (the command line, then JSON lines) an
 ``exp_dir/checkpoint.pth`` (written atomically at the end of every epoch, resumed automatically).
 """
 import argparse
-import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -405,38 +403,6 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, best: d
 
 # ----------------------------------------------------------------------------- logging
 
-class Logger:
-    """JSON lines to exp_dir/stats.txt and stdout on rank 0; a progress line on terminals."""
-
-    def __init__(self, exp_dir: Path, enabled: bool):
-        self.enabled, self.path = enabled, exp_dir / "stats.txt"
-        self.tty = enabled and sys.stdout.isatty()
-        if enabled:
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                print(" ".join(sys.argv), file=f)
-
-    def log(self, stats: dict) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(stats)
-        if self.tty:
-            sys.stdout.write("\r\033[K")
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            print(line, file=f)
-
-    def progress(self, text: str) -> None:
-        if self.tty:
-            sys.stdout.write("\r\033[K" + text)
-            sys.stdout.flush()
-
-
-def _hms(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def _sum_over_processes(x: torch.Tensor) -> torch.Tensor:
     if utils.is_dist():
         dist.all_reduce(x)
@@ -470,7 +436,7 @@ def train_one_epoch(model, ddp, loader, optimizer, epoch: int, args, info, logge
             rate = (step + 1) * args.batch_size / (time.time() - t0)
             left = ((steps - step - 1) + (epochs_left - 1) * steps) * args.batch_size / max(rate, 1e-9)
             logger.progress(f"ep {epoch} step {step + 1}/{steps} | {rate:.1f} img/s | loss {loss.item():.4f} | "
-                            f"left {_hms(left)}")
+                            f"left {utils.hms(left)}")
     sums = _sum_over_processes(sums)
     return float(sums[0] / sums[1].clamp(min=1))
 
@@ -510,7 +476,7 @@ def run(args) -> None:
     # model and weights
     model = build_model(args, num_classes, info.device)
     optimizer, scheduler = build_optimizer(args, model)
-    logger = Logger(args.exp_dir, main_proc)
+    logger = utils.JsonLogger(args.exp_dir, main_proc)
 
     # resume
     ckpt_path = args.exp_dir / "checkpoint.pth"
@@ -577,7 +543,7 @@ def run(args) -> None:
             summary.update(knn_top1=round(knn["top1"], 4))
         logger.log(summary)
         print(f"done: best top-1 {best['acc1']:.2f}%, top-5 {best['acc5']:.2f}% "
-              f"({args.weights}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, {_hms(time.time() - start)})", flush=True)
+              f"({args.weights}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, {utils.hms(time.time() - start)})", flush=True)
 
 
 @utils.exit_on_user_error

@@ -9,8 +9,6 @@ written atomically, resumed automatically) and, at the end, ``exp_dir/backbone.p
 loadable with strict=True by hubconf.py and evaluate.py).
 """
 import argparse
-import json
-import math
 import os
 import signal
 import sys
@@ -299,44 +297,14 @@ def restore(ckpt: dict, model: nn.Module, optimizer, scaler, path: Path) -> None
 
 # ----------------------------------------------------------------------------- logging
 
-class Logger:
-    """JSON lines to exp_dir/stats.txt and stdout on rank 0; a progress line on terminals."""
-
-    def __init__(self, exp_dir: Path, enabled: bool, start_time: float):
-        self.enabled, self.start = enabled, start_time
-        self.path = exp_dir / "stats.txt"
-        self.tty = enabled and sys.stdout.isatty()
-        if enabled:
-            with open(self.path, "a") as f:
-                print(" ".join(sys.argv), file=f)
-
-    def log(self, stats: dict, prefix: str = "") -> None:
-        if not self.enabled:
-            return
-        line = prefix + json.dumps(stats)
-        if self.tty:
-            sys.stdout.write("\r\033[K")
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            print(line, file=f)
-
-    def progress(self, text: str) -> None:
-        if self.tty:
-            sys.stdout.write("\r\033[K" + text)
-            sys.stdout.flush()
-
-
 def format_stats(epoch: int, step: int, lr: float, elapsed: float, logs: Dict[str, torch.Tensor]) -> dict:
+    """One stats.txt line: ep, st, lr, t (elapsed seconds, 9 digits), then the metrics rounded
+    (top-k percentages to 4 decimals, the rest to 6)."""
     stats = {"ep": epoch, "st": step, "lr": lr, "t": f"{int(elapsed):09d}"}
     for k, v in logs.items():
         v = float(v)
         stats[k] = round(v, 4) if k.startswith("top") else round(v, 6)
     return stats
-
-
-def _hms(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -437,7 +405,7 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         model.backbone.forward = torch.compile(model.backbone.forward, dynamic=False)  # one graph per crop size
     if main_proc:
         args.exp_dir.mkdir(parents=True, exist_ok=True)
-    logger = Logger(args.exp_dir, main_proc, start)
+    logger = utils.JsonLogger(args.exp_dir, main_proc)
     if main_proc and ckpt is not None:
         print(f"resuming from {ckpt_path}: epoch {start_epoch}, step {start_step} of that epoch", flush=True)
 
@@ -493,7 +461,7 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
                 left = (steps_per_epoch - i - 1 + (args.epochs - epoch - 1) * steps_per_epoch) \
                     * images_per_step / max(rate, 1e-9)
                 logger.progress(f"ep {epoch} step {i + 1}/{steps_per_epoch} | {rate:.1f} img/s | "
-                                f"loss {float(loss):.4f} | left {_hms(left)}")
+                                f"loss {float(loss):.4f} | left {utils.hms(left)}")
             if stop.requested(step, info.device):
                 check_pending(pending, None)
                 save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc)
@@ -511,7 +479,7 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         utils.save_atomic(model.backbone.state_dict(), str(args.exp_dir / "backbone.pth"))
         if logger.tty:
             print()
-        print(f"done: {args.exp_dir / 'backbone.pth'} ({_hms(time.time() - start)})", flush=True)
+        print(f"done: {args.exp_dir / 'backbone.pth'} ({utils.hms(time.time() - start)})", flush=True)
     return None
 
 

@@ -4,6 +4,7 @@ Everything here works in one plain process with no process group at all (rank 0,
 gather = identity), so the same code runs on a laptop CPU and under torchrun or SLURM.
 This module imports no other project module.
 """
+import json
 import math
 import os
 import socket
@@ -285,6 +286,42 @@ def param_groups_weight_decay(named_params: Iterable, weight_decay: float) -> Li
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- logging
+
+class JsonLogger:
+    """Rank 0's log: the command line, then one JSON object per line in ``exp_dir/stats.txt`` and on
+    stdout; on a terminal also a progress line that each new line clears. Other ranks stay silent."""
+
+    def __init__(self, exp_dir, enabled: bool):
+        self.enabled, self.path = enabled, os.path.join(exp_dir, "stats.txt")
+        self.tty = enabled and sys.stdout.isatty()
+        if enabled:
+            os.makedirs(exp_dir, exist_ok=True)
+            with open(self.path, "a") as f:
+                print(" ".join(sys.argv), file=f)
+
+    def log(self, stats: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        line = prefix + json.dumps(stats)
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            print(line, file=f)
+
+    def progress(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\r\033[K" + text)
+            sys.stdout.flush()
+
+
+def hms(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    s = int(max(seconds, 0))
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ----------------------------------------------------------------------------- files and errors

@@ -18,7 +18,7 @@ __all__ = ["VICRegL", "VICRegLConfig", "BACKBONES", "build_backbone", "backbone_
 BACKBONES: Dict[str, Callable[..., Tuple[nn.Module, int]]] = {
     name: getattr(resnet, name) for name in
     ["resnet18", "resnet34", "resnet50", "resnet101", "resnet50x2", "resnet50x4", "resnet50x5",
-     "resnet200x2", "resnet_test"]
+     "resnet200x2", "resnet_mini", "resnet_test"]
 }
 BACKBONES.update({
     name: getattr(convnext, name) for name in

@@ -28,7 +28,6 @@ import re
 from functools import lru_cache
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from . import backbone_family, build_backbone

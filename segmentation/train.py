@@ -12,7 +12,6 @@ evaluation lines start with ``Val: ``) and ``exp_dir/checkpoint.pth`` (head, opt
 written atomically and resumed automatically).
 """
 import argparse
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -395,42 +394,10 @@ def save_checkpoint(path: Path, head: nn.Module, optimizer, it: int, args, main_
 
 # ----------------------------------------------------------------------------- logging
 
-class Logger:
-    """JSON lines to exp_dir/stats.txt and stdout on rank 0; a progress line on terminals."""
-
-    def __init__(self, exp_dir: Path, enabled: bool):
-        self.enabled, self.path = enabled, exp_dir / "stats.txt"
-        self.tty = enabled and sys.stdout.isatty()
-        if enabled:
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                print(" ".join(sys.argv), file=f)
-
-    def log(self, stats: dict, prefix: str = "") -> None:
-        if not self.enabled:
-            return
-        line = prefix + json.dumps(stats)
-        if self.tty:
-            sys.stdout.write("\r\033[K")
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            print(line, file=f)
-
-    def progress(self, text: str) -> None:
-        if self.tty:
-            sys.stdout.write("\r\033[K" + text)
-            sys.stdout.flush()
-
-
-def _hms(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: seg_head.Segmenter, loader, num_classes: int, args, device, logger: Optional[Logger] = None):
+def evaluate(model: seg_head.Segmenter, loader, num_classes: int, args, device, logger: Optional[utils.JsonLogger] = None):
     """Confusion matrix (K, K) over this process's share of the evaluation set, summed over processes."""
     was_training = model.training
     model.eval()
@@ -445,7 +412,7 @@ def evaluate(model: seg_head.Segmenter, loader, num_classes: int, args, device, 
             logits = seg_head.predict(model, x, y.shape[-2:], args.inference, args.window, args.stride)
             conf += metrics.confusion_matrix(logits.argmax(1), y, num_classes, IGNORE_INDEX)
         if logger is not None:
-            logger.progress(f"eval {n}/{len(loader)} | {_hms(time.time() - start)}")
+            logger.progress(f"eval {n}/{len(loader)} | {utils.hms(time.time() - start)}")
     metrics.all_reduce_sum(conf)
     model.train(was_training)
     return conf
@@ -530,7 +497,7 @@ def train(args) -> None:
     it = restore(ckpt, model.head, optimizer, ckpt_path)
     head = model.head if info.world_size == 1 else nn.parallel.DistributedDataParallel(
         model.head, device_ids=[info.device] if info.device.type == "cuda" else None)
-    logger = Logger(args.exp_dir, main_proc)
+    logger = utils.JsonLogger(args.exp_dir, main_proc)
     if main_proc:
         print(f"{args.arch} features {model.features.out_channels} channels (stages {args.stages}) -> "
               f"{num_classes} classes; {args.optimizer} lr {args.lr} wd {args.weight_decay}; "
@@ -570,7 +537,7 @@ def train(args) -> None:
             if logger.tty:
                 rate = done * args.batch_size / (time.time() - t_run)
                 logger.progress(f"it {it}/{args.iters} | loss {float(loss):.4f} | lr {lr:.2e} | {rate:.1f} img/s "
-                                f"| left {_hms((args.iters - it) * args.batch_size / max(rate, 1e-9))}")
+                                f"| left {utils.hms((args.iters - it) * args.batch_size / max(rate, 1e-9))}")
             if it % args.checkpoint_interval == 0 or it == stop_at:
                 save_checkpoint(ckpt_path, model.head, optimizer, it, args, main_proc)
             if args.eval_interval and it % args.eval_interval == 0 and it < args.iters:
@@ -586,7 +553,7 @@ def train(args) -> None:
         return
     line = validate(it)
     if main_proc:
-        print(f"done: mIoU {line['mIoU']:.2f} on {args.dataset} {args.val_split} ({_hms(time.time() - start)})",
+        print(f"done: mIoU {line['mIoU']:.2f} on {args.dataset} {args.val_split} ({utils.hms(time.time() - start)})",
               flush=True)
 
 

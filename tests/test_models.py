@@ -92,7 +92,7 @@ def test_small_input_resnet_gives_4x4_maps_from_32px():
 def test_zero_init_residual_and_dilation():
     net, _ = models.build_backbone("resnet50", zero_init_residual=True,
                                    replace_stride_with_dilation=[False, True, True])
-    assert float(net.layer1[0].bn3.weight.abs().sum()) == 0.0
+    assert float(net.layer1[0].bn3.weight.detach().abs().sum()) == 0.0
     assert net.layer4[1].conv2.dilation == (4, 4) and net.layer3[1].conv2.dilation == (2, 2)
 
 
