@@ -23,14 +23,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from torchvision import transforms as T
 
 import datasets
 import models
 import utils
 from models.checkpoints import CheckpointError, load_backbone_weights, read_checkpoint
 from models.knn import knn_evaluate, topk_correct, unpadded_mask
-from transforms import EVAL_STD, IMAGENET_MEAN
+from transforms import eval_transform, linear_train_transform
 from utils import UserError
 
 # The semi-supervised lists of SimCLR, which the reference downloaded at run time: one ImageNet
@@ -151,15 +150,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- data
 
-def train_transform(crop: int) -> T.Compose:
-    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, EVAL_STD)])  # evaluation std 0.229 (pretraining: 0.228)
-
-
-def val_transform(crop: int, resize: int) -> T.Compose:
-    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(IMAGENET_MEAN, EVAL_STD)])
-
-
 class WithTransform(Dataset):
     """``base[i] = (image, label)`` -> ``(transform(image), label)``: one file listing serves both the
     augmented training loader and the k-NN bank. (A training loader from ``datasets.build_loader``
@@ -255,7 +245,7 @@ def build_data(args, info: utils.DistInfo):
     """(train loader, val loader, k-NN train loader or None, number of classes)."""
     kw = dict(from_numpy=args.dataset_from_numpy, image_size=args.builtin_size,
               num_classes=args.builtin_classes, seed=args.builtin_seed)
-    val_tf = val_transform(args.crop_size, args.resize_size)
+    val_tf = eval_transform(args.crop_size, args.resize_size)
     try:
         train_set = datasets.build_dataset(args.dataset, args.data_dir, "train", None,
                                            num_images=args.builtin_images, **kw)
@@ -285,7 +275,7 @@ def build_data(args, info: utils.DistInfo):
     try:
         train_loader = None
         if not args.knn_only:
-            train_loader = datasets.build_loader(WithTransform(train_set, train_transform(args.crop_size)),
+            train_loader = datasets.build_loader(WithTransform(train_set, linear_train_transform(args.crop_size)),
                                                  args.batch_size, info.world_size, info.rank, train=True,
                                                  num_workers=args.workers, seed=args.seed,
                                                  pin_memory=info.device.type == "cuda")

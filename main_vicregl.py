@@ -26,6 +26,7 @@ import models
 import transforms
 import utils
 from models.checkpoints import CheckpointError, read_checkpoint
+from models.knn import knn_evaluate
 from models.losses import check_num_matches
 from models.vicregl import VICRegL, VICRegLConfig, parse_mlp
 from utils import UserError
@@ -129,6 +130,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="evaluate the online linear probe on the validation split every --eval-freq epochs")
     g.add_argument("--evaluate-only", action="store_true", help="evaluate the saved model.pth and exit")
     g.add_argument("--eval-freq", type=int, default=10, help="epochs between validations")
+    g.add_argument("--knn", action="store_true",
+                   help="also a k-NN evaluation of the backbone's frozen features (training split as the bank, "
+                        "validation split as queries) every --eval-freq epochs and at the end")
+    g.add_argument("--knn-k", type=int, default=20, help="k-NN: number of neighbours")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="k-NN: temperature of the vote weights")
 
     g = p.add_argument_group("distributed")
     g.add_argument("--world-size", type=int, default=1,
@@ -216,13 +222,32 @@ def build_data(args, info: utils.DistInfo, split: str):
                                          image_size=args.builtin_size)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
+    return dataset, _loader(args, info, dataset, split)
+
+
+def _loader(args, info: utils.DistInfo, dataset, split: str, train: Optional[bool] = None):
     batch = args.batch_size if split == "train" else args.val_batch_size
     if split == "train" and len(dataset) < batch:
         raise UserError(f"--batch-size {batch} is larger than the training set ({len(dataset)} images)")
-    loader = datasets.build_loader(dataset, batch, info.world_size, info.rank, train=split == "train",
-                                   num_workers=args.num_workers, seed=args.seed,
-                                   pin_memory=info.device.type == "cuda")
-    return dataset, loader
+    return datasets.build_loader(dataset, batch, info.world_size, info.rank,
+                                 train=split == "train" if train is None else train,
+                                 num_workers=args.num_workers, seed=args.seed, pin_memory=info.device.type == "cuda")
+
+
+def build_knn_data(args, info: utils.DistInfo):
+    """Ordered loaders of the training split (the bank) and the validation split (the queries), seen
+    as in evaluation: resize to int(crop·256/224), centre crop --size-crops[0], std 0.229."""
+    crop = args.size_crops[0]
+    tf = transforms.eval_transform(crop, int(crop * 256 / 224))
+    loaders = []
+    for split in ("train", "val"):
+        dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf, from_numpy=args.dataset_from_numpy,
+                                         num_images=args.builtin_images if split == "train" else None,
+                                         image_size=args.builtin_size)
+        if not getattr(dataset, "num_classes", 0):
+            raise UserError("--knn needs labels: this dataset has no classes")
+        loaders.append(_loader(args, info, dataset, "val", train=False))
+    return loaders
 
 
 def build_model(args, num_classes: int, device: torch.device) -> VICRegL:
@@ -379,6 +404,7 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     # data (before the model: a missing folder fails in a second, not after building a large net)
     train_set, train_loader = build_data(args, info, "train")
     val_loader = build_data(args, info, "val")[1] if (args.evaluate or args.evaluate_only) else None
+    knn_loaders = build_knn_data(args, info) if args.knn else None
     num_classes = getattr(train_set, "num_classes", 0)
 
     ckpt_path = args.exp_dir / "model.pth"
@@ -412,7 +438,10 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     if args.evaluate_only:
         if ckpt is None:
             raise UserError(f"--evaluate-only needs a trained model: {ckpt_path} does not exist")
-        logger.log({"ep": start_epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
+        if val_loader is not None:
+            logger.log({"ep": start_epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
+        if knn_loaders is not None:
+            logger.log({"ep": start_epoch, **knn(args, model, knn_loaders, info.device)}, "Val: ")
         return None
 
     steps_per_epoch = len(train_loader)
@@ -475,6 +504,8 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
             save_checkpoint(ckpt_path, model, optimizer, scaler, args, next_epoch, 0, main_proc)
         if val_loader is not None and args.evaluate and next_epoch % args.eval_freq == 0:
             logger.log({"ep": epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
+        if knn_loaders is not None and (next_epoch % args.eval_freq == 0 or next_epoch == args.epochs):
+            logger.log({"ep": epoch, **knn(args, model, knn_loaders, info.device)}, "Val: ")
     if main_proc:
         utils.save_atomic(model.backbone.state_dict(), str(args.exp_dir / "backbone.pth"))
         if logger.tty:
@@ -492,6 +523,12 @@ def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step
                      args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
         utils.save_atomic(state, str(path))
     utils.barrier()
+
+
+def knn(args, model: VICRegL, loaders, device) -> Dict[str, float]:
+    """k-NN top-1/top-5 (%) of the backbone's frozen features."""
+    res = knn_evaluate(model.backbone, loaders[0], loaders[1], device, args.knn_k, args.knn_temperature)
+    return {"knn_top1": round(res["top1"], 4), "knn_top5": round(res["top5"], 4)}
 
 
 @torch.no_grad()

@@ -674,3 +674,18 @@ class ReferenceMultiCropTransform(_MultiCropConfig):
             crops.append(crop)
             flips.append(flipped)
         return views, self.locations(crops, flips)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation transforms (linear probe, k-NN): the ImageNet evaluation protocol
+# --------------------------------------------------------------------------------------------
+
+def linear_train_transform(crop: int = 224) -> T.Compose:
+    """Linear-probe training: random-resized crop, flip, normalised with the evaluation std 0.229."""
+    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, EVAL_STD)])
+
+
+def eval_transform(crop: int = 224, resize: int = 256) -> T.Compose:
+    """Validation and k-NN features: resize the shorter side, centre crop, evaluation std 0.229."""
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(IMAGENET_MEAN, EVAL_STD)])

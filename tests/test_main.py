@@ -44,7 +44,7 @@ def digest(path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     exp = tmp_path_factory.mktemp("run")
-    run(exp, "--evaluate", "--eval-freq", "1")
+    run(exp, "--evaluate", "--eval-freq", "1", "--knn")
     return exp
 
 
@@ -57,7 +57,10 @@ def test_stats_checkpoint_and_exported_backbone(finished_run):
     assert all(len(l["t"]) == 9 and l["t"].isdigit() for l in lines)
     assert lines[0]["lr"] == 0.0 and max(l["lr"] for l in lines) > 0
     val = [json.loads(l[5:]) for l in (finished_run / "stats.txt").read_text().splitlines() if l.startswith("Val: ")]
-    assert [v["ep"] for v in val] == [0, 1] and set(val[0]) == {"ep", "clsl_val", "top1_val", "top5_val"}
+    probe = [v for v in val if "clsl_val" in v]
+    assert [v["ep"] for v in probe] == [0, 1] and set(probe[0]) == {"ep", "clsl_val", "top1_val", "top5_val"}
+    knn = [v for v in val if "knn_top1" in v]
+    assert [v["ep"] for v in knn] == [0, 1] and all(0 <= v["knn_top1"] <= v["knn_top5"] <= 100 for v in knn)
 
     ckpt = torch.load(finished_run / "model.pth", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "resnet_test"
@@ -71,8 +74,9 @@ def test_stats_checkpoint_and_exported_backbone(finished_run):
 
 def test_evaluate_only_reads_the_checkpoint(finished_run):
     before = digest(finished_run / "model.pth")
-    proc = run(finished_run, "--evaluate-only")
-    assert proc.stdout.strip().splitlines()[-1].startswith("Val: ")
+    proc = run(finished_run, "--evaluate-only", "--knn")
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith('Val: {"ep": 2, "clsl_val"') and last[1].startswith('Val: {"ep": 2, "knn_top1"')
     assert digest(finished_run / "model.pth") == before
 
 
