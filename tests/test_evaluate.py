@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import transforms
 import models
 import utils
 from conftest import ROOT
@@ -202,7 +203,7 @@ def test_knn_only_on_builtin_equals_a_direct_computation(tmp_path, capsys):
     torch.manual_seed(0)
     backbone, _ = models.build_backbone("resnet_test")
     backbone.eval()
-    tf = evaluate.val_transform(32, 32)
+    tf = transforms.eval_transform(32, 32)
     feats = {}
     for split, n in (("train", 64), ("val", 24)):
         ds = evaluate.datasets.build_dataset("builtin", None, split, tf, num_images=n, image_size=32)
