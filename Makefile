@@ -17,6 +17,9 @@ install: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
+demo: $(BIN)/.installed
+	$(BIN)/python demo.py
+
 # Include the long runs (marked `slow`).
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m ""

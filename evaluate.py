@@ -66,8 +66,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--builtin-val-images", type=int, default=1024, help="validation images of --dataset builtin")
     g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
     g.add_argument("--builtin-classes", type=int, default=10, help="number of classes of --dataset builtin")
+    g.add_argument("--builtin-max-objects", type=int, default=4, help="objects per image of --dataset builtin")
     g.add_argument("--builtin-seed", type=int, default=0,
-                   help="which images --dataset builtin draws (pretraining draws with its --seed)")
+                   help="which images --dataset builtin draws (as main_vicregl.py's --builtin-seed)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
 
     g = p.add_argument_group("model")
@@ -244,7 +245,7 @@ def select_files(dataset: Dataset, entries: Sequence[str], source: str) -> Subse
 def build_data(args, info: utils.DistInfo):
     """(train loader, val loader, k-NN train loader or None, number of classes)."""
     kw = dict(from_numpy=args.dataset_from_numpy, image_size=args.builtin_size,
-              num_classes=args.builtin_classes, seed=args.builtin_seed)
+              num_classes=args.builtin_classes, seed=args.builtin_seed, max_objects=args.builtin_max_objects)
     val_tf = eval_transform(args.crop_size, args.resize_size)
     try:
         train_set = datasets.build_dataset(args.dataset, args.data_dir, "train", None,

@@ -61,6 +61,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--builtin-images", type=int, default=4096,
                    help="number of training images of --dataset builtin")
     g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
+    g.add_argument("--builtin-max-objects", type=int, default=4, help="objects per image of --dataset builtin")
+    g.add_argument("--builtin-seed", type=int, default=0,
+                   help="which images --dataset builtin draws (independent of --seed, so that the data "
+                        "stay the same when only the training seed changes)")
     g.add_argument("--size-crops", type=int, nargs="+", default=[224, 96],
                    help="side of the crops of each group (large crops first)")
     g.add_argument("--num-crops", type=int, nargs="+", default=[2, 6], help="number of crops of each group")
@@ -219,7 +223,8 @@ def build_data(args, info: utils.DistInfo, split: str):
         dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf,
                                          from_numpy=args.dataset_from_numpy,
                                          num_images=args.builtin_images if split == "train" else None,
-                                         image_size=args.builtin_size)
+                                         image_size=args.builtin_size,
+                                         max_objects=args.builtin_max_objects, seed=args.builtin_seed)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     return dataset, _loader(args, info, dataset, split)
@@ -243,7 +248,8 @@ def build_knn_data(args, info: utils.DistInfo):
     for split in ("train", "val"):
         dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf, from_numpy=args.dataset_from_numpy,
                                          num_images=args.builtin_images if split == "train" else None,
-                                         image_size=args.builtin_size)
+                                         image_size=args.builtin_size,
+                                         max_objects=args.builtin_max_objects, seed=args.builtin_seed)
         if not getattr(dataset, "num_classes", 0):
             raise UserError("--knn needs labels: this dataset has no classes")
         loaders.append(_loader(args, info, dataset, "val", train=False))

@@ -83,7 +83,9 @@ def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank:
     """
     launcher = detect_launcher()
     if launcher == "torchrun":
-        rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK") or 0
+        # torch.distributed.launch without --use-env passes --local-rank instead of LOCAL_RANK
+        local = _env_int("LOCAL_RANK")
+        rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), local if local is not None else max(local_rank, 0)
     elif launcher == "slurm":
         rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
         local = _env_int("SLURM_LOCALID") or 0

@@ -86,3 +86,26 @@ def test_save_atomic_keeps_old_file_when_writing_fails(tmp_path):
         utils.save_atomic({"epoch": 2, "bad": Unpicklable()}, str(path))
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["model.pth"]  # no temporary file left behind
+
+
+def test_launchers_are_recognised_from_the_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR",
+                 "MASTER_PORT"):  # monkeypatch restores them all afterwards
+        monkeypatch.delenv(name, raising=False)
+    # torch.distributed.launch without --use-env: RANK/WORLD_SIZE in the environment, --local-rank as a flag
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert utils.detect_launcher() == "torchrun"
+    assert utils.init_distributed("cpu", local_rank=3).local_rank == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert utils.init_distributed("cpu", local_rank=3).local_rank == 1  # torchrun's variable wins
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[07-09,12]")
+    assert utils.detect_launcher() == "slurm"
+    info = utils.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.backend) == (0, 1, None)
+    assert utils._slurm_master_addr() == "node07"
