@@ -69,32 +69,35 @@ class _VarCov(torch.autograd.Function):
     hinge depends on x only through col_sq (∂col_sq/∂x = 2x). Centring's backward subtracts the
     gradient's mean over N. With a shard (r, W) only rows (Gram) or columns (covariance) r are
     computed and the gradient has both the block's and its transpose's contributions.
+    On CPUs the slots are processed a few at a time, so that each piece stays in the cache; the
+    D x D blocks of the covariance form are recomputed in the backward rather than kept.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, shard: Shard):
-        n, d = x.shape[-2], x.shape[-1]
+        s, n, d = x.shape
         r, w = shard or (0, 1)
-        xc = x - x.mean(dim=-2, keepdim=True)
-        col_sq = torch.linalg.vector_norm(xc, dim=-2).square()  # (S, D): (N - 1)·var, diag of xᵀx
+        lo, hi = _bounds(n if n < d else d, r, w)
+        xc = torch.empty_like(x)
+        col_sq, off = x.new_empty(s, d), x.new_empty(s)
+        blocks = x.new_empty(s, hi - lo, n) if n < d else None
+        for c in _chunks(x):
+            torch.sub(x[c], x[c].mean(dim=-2, keepdim=True), out=xc[c])
+            torch.sum(xc[c].square(), dim=-2, out=col_sq[c])  # (N - 1)·variance, also the diagonal of xᵀx
+            if n < d:  # N x N Gram rows [lo, hi): ‖XXᵀ‖² = ‖XᵀX‖², minus the diagonal's squares
+                torch.matmul(xc[c][:, lo:hi], xc[c].transpose(-1, -2), out=blocks[c])
+                off[c] = blocks[c].square().sum(dim=(-2, -1)) - col_sq[c].square().sum(dim=-1) / w
+            else:  # D x D covariance columns [lo, hi), diagonal zeroed exactly (no cancellation)
+                off[c] = _cov_block(xc[c], lo, hi).square().sum(dim=(-2, -1))
         std = torch.sqrt(col_sq / (n - 1) + VAR_EPS)
         var = F.relu(1 - std).mean(dim=-1)
-        if n < d:  # N x N Gram rows [lo, hi): ‖XXᵀ‖² = ‖XᵀX‖², minus the diagonal's squares
-            lo, hi = _bounds(n, r, w)
-            block = torch.matmul(xc[..., lo:hi, :], xc.transpose(-1, -2))  # (S, n_r, N)
-            off = block.square().sum(dim=(-2, -1)) - col_sq.square().sum(dim=-1) / w
-        else:  # D x D covariance columns [lo, hi), diagonal zeroed exactly (no cancellation)
-            lo, hi = _bounds(d, r, w)
-            block = torch.matmul(xc[..., lo:hi].transpose(-1, -2), xc)  # (S, d_r, D)
-            block.diagonal(offset=lo, dim1=-2, dim2=-1).zero_()
-            off = block.square().sum(dim=(-2, -1))
-        ctx.save_for_backward(xc, col_sq, std, block)
+        ctx.save_for_backward(xc, col_sq, std, *([blocks] if blocks is not None else []))
         ctx.lo, ctx.hi, ctx.w = lo, hi, w
         return var, off * w / ((n - 1) ** 2 * d)
 
     @staticmethod
     def backward(ctx, g_var: Tensor, g_cov: Tensor):
-        xc, col_sq, std, block = ctx.saved_tensors
+        xc, col_sq, std, *blocks = ctx.saved_tensors
         lo, hi, w = ctx.lo, ctx.hi, ctx.w
         n, d = xc.shape[-2], xc.shape[-1]
         g_cov = (g_cov * w / ((n - 1) ** 2 * d))[..., None, None]  # (S, 1, 1)
@@ -102,21 +105,42 @@ class _VarCov(torch.autograd.Function):
         d_col = -(std < 1).to(xc.dtype) / (2 * std * (n - 1) * d) * g_var[..., None]  # (S, D)
         if n < d:
             d_col = d_col - 2 * col_sq * g_cov[..., 0] / w
-        grad = xc * (2 * d_col).unsqueeze(-2)  # the one full-size elementwise pass
-        # Rows or columns of xc sum to zero, so G·xc, xc·C and xc ⊙ d_col already have zero mean
-        # over N and centring's backward is the identity; only the sharded Gram rows need it.
-        if n < d and w == 1:
-            grad.baddbmm_(block * (4 * g_cov), xc)
-        elif n < d:
-            grad.baddbmm_(block.transpose(-1, -2) * (2 * g_cov), xc[..., lo:hi, :])
-            grad[..., lo:hi, :].baddbmm_(block * (2 * g_cov), xc)
-            grad -= grad.mean(dim=-2, keepdim=True)
-        elif w == 1:
-            grad.baddbmm_(xc, block * (4 * g_cov))
-        else:
-            grad.baddbmm_(xc[..., lo:hi], block * (2 * g_cov))
-            grad[..., lo:hi].baddbmm_(xc, block.transpose(-1, -2) * (2 * g_cov))
+        grad = torch.empty_like(xc)
+        for c in _chunks(xc):
+            x, gc, g = xc[c], g_cov[c], grad[c]
+            torch.mul(x, (2 * d_col[c]).unsqueeze(-2), out=g)  # the one full-size elementwise pass
+            # Rows or columns of xc sum to zero, so G·xc, xc·C and xc ⊙ d_col already have zero
+            # mean over N and centring's backward is the identity; only the sharded Gram rows need it.
+            if n < d:
+                block = blocks[0][c]
+                if w == 1:
+                    g.baddbmm_(block * (4 * gc), x)
+                else:
+                    g.baddbmm_(block.transpose(-1, -2) * (2 * gc), x[:, lo:hi])
+                    g[:, lo:hi].baddbmm_(block * (2 * gc), x)
+                    g -= g.mean(dim=-2, keepdim=True)
+            else:
+                block = _cov_block(x, lo, hi)
+                if w == 1:
+                    g.baddbmm_(x, block * (4 * gc))
+                else:
+                    g.baddbmm_(x[..., lo:hi], block * (2 * gc))
+                    g[..., lo:hi].baddbmm_(x, block.transpose(-1, -2) * (2 * gc))
         return grad, None
+
+
+def _cov_block(xc: Tensor, lo: int, hi: int) -> Tensor:
+    """Columns [lo, hi) of xcᵀxc with the diagonal entries zeroed: (S, hi - lo, D)."""
+    block = torch.matmul(xc[..., lo:hi].transpose(-1, -2), xc)
+    block.diagonal(offset=lo, dim1=-2, dim2=-1).zero_()
+    return block
+
+
+def _chunks(x: Tensor) -> List[slice]:
+    """Slices of the slot dimension: about 2 MB of x each on a CPU (cache-sized), all at once on a GPU."""
+    s = x.shape[0]
+    step = s if x.device.type != "cpu" else max(1, (1 << 19) // max(1, x[0].numel()))
+    return [slice(i, min(s, i + step)) for i in range(0, s, step)]
 
 
 def _bounds(size: int, r: int, w: int) -> Tuple[int, int]:
@@ -265,25 +289,47 @@ class _Slots:
 
 class _MatchedSqErr(torch.autograd.Function):
     """Per-slot squared error between matched positions: feats (B, L, C), x_idx / y_idx (B, K)
-    -> (K,) = Σ_{b,c} (feats[b, x_idx[b,k]] - feats[b, y_idx[b,k]])². Keeps one (B, K, C)
-    difference for the backward, which scatters ±2·diff straight into the feature gradient."""
+    -> (K,) = Σ_{b,c} (feats[b, x_idx[b,k]] - feats[b, y_idx[b,k]])².
+
+    Nothing of size (B, K, C) is kept: the differences are formed a few slots at a time (cache-sized
+    on CPUs) and formed again in the backward, which adds ±2·diff straight into the gradient rows."""
 
     @staticmethod
     def forward(ctx, feats: Tensor, x_idx: Tensor, y_idx: Tensor) -> Tensor:
-        diff = _take(feats, x_idx).sub_(_take(feats, y_idx))  # (B, K, C)
-        ctx.save_for_backward(diff, x_idx, y_idx)
-        ctx.shape = feats.shape
-        return torch.linalg.vector_norm(diff, dim=(0, 2)).square()
+        b, l, c = feats.shape
+        flat = feats.reshape(b * l, c)
+        x_rows, y_rows = _flat_rows(x_idx, l), _flat_rows(y_idx, l)  # (K, B), slot-major
+        out = feats.new_empty(x_idx.shape[1])
+        for k in _slot_chunks(x_rows, c, feats.device):
+            diff = flat.index_select(0, x_rows[k].reshape(-1)) - flat.index_select(0, y_rows[k].reshape(-1))
+            out[k] = diff.view(-1, b * c).square().sum(dim=1)
+        ctx.save_for_backward(feats, x_rows, y_rows)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        diff, x_idx, y_idx = ctx.saved_tensors
-        g_diff = diff * (2 * g)[None, :, None]
-        grad = diff.new_zeros(ctx.shape)
-        idx = lambda i: i.unsqueeze(-1).expand_as(g_diff)
-        grad.scatter_add_(1, idx(x_idx), g_diff)
-        grad.scatter_add_(1, idx(y_idx), g_diff.neg_())
-        return grad, None, None
+        feats, x_rows, y_rows = ctx.saved_tensors
+        b, l, c = feats.shape
+        flat = feats.reshape(b * l, c)
+        grad = torch.zeros_like(flat)
+        for k in _slot_chunks(x_rows, c, feats.device):
+            xr, yr = x_rows[k].reshape(-1), y_rows[k].reshape(-1)
+            diff = flat.index_select(0, xr) - flat.index_select(0, yr)  # (k·B, C)
+            diff.view(-1, b, c).mul_((2 * g[k]).view(-1, 1, 1))
+            grad.index_add_(0, xr, diff)
+            grad.index_add_(0, yr, diff.neg_())
+        return grad.view(b, l, c), None, None
+
+
+def _flat_rows(idx: Tensor, length: int) -> Tensor:
+    """Positions idx (B, K) -> rows of the flattened (B·L, C) features, slot-major (K, B)."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * length).t().contiguous()
+
+
+def _slot_chunks(rows: Tensor, channels: int, device) -> List[slice]:
+    k, b = rows.shape
+    step = k if device.type != "cpu" else max(1, (1 << 19) // max(1, b * channels))
+    return [slice(i, min(k, i + step)) for i in range(0, k, step)]
 
 
 def _take(feats: Tensor, idx: Tensor) -> Tensor:
