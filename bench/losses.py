@@ -179,6 +179,9 @@ def main():
                         help="further N to compare plain and ours at (the plain formulation takes minutes at 1024)")
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4],
                         help="gloo process counts for the sharded per-process timing (empty: skip)")
+    parser.add_argument("--processes-batch", type=int, default=256,
+                        help="gathered batch N of the sharded timing (the Gram work grows as N², the "
+                             "gathering as N: sharding shows at larger N)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = parser.parse_args()
     if args.threads:
@@ -192,8 +195,8 @@ def main():
     print("precision at the default shapes:")
     precision(args.batch, args.dim, args.channels)
     if args.processes:
-        print(f"sharded over W gloo processes (N {args.batch} in all, one thread each):")
-        processes(args.batch, args.dim, args.channels, args.repeat, args.processes)
+        print(f"sharded over W gloo processes (N {args.processes_batch} in all, one thread each):")
+        processes(args.processes_batch, args.dim, args.channels, args.repeat, args.processes)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,13 @@ Exact reformulations keep the cost low without changing the result:
   local loss is a handful of large tensor operations; feature matching that keeps every position
   (``l2_all_matches``) uses the view itself as one side, whose statistics are computed once per
   view instead of once per pair;
-- in a process group the covariance work is sharded: each process computes 1/W of the Gram (or
-  covariance) entries. The returned value is then this process's share times W: its mean over
-  processes is the loss, and the gradients (summed over processes by the gather layer, averaged
-  by DDP) are exactly those of the unsharded loss.
+- in a process group the variance/covariance work is sharded (see ``_distributed_vc``): the local
+  loss's thousands of slots are split over the processes (one all_to_all each way); the global
+  loss's few views use, when the gathered batch N is smaller than the width D, only each
+  process's own rows of the Gram matrix, with no collective in the backward; otherwise 1/W of
+  the covariance columns. Where a process computes a share, the value it returns is its share
+  times W (the mean over processes, which logging takes, is the loss). Either way the gradients,
+  once DDP averages them over processes, are exactly those of the unsharded loss.
 
 All losses run in float32 (float64 inputs stay float64) with autocast disabled: the reference let
 the covariance matmuls run in float16.
@@ -26,6 +29,7 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -129,6 +133,55 @@ class _VarCov(torch.autograd.Function):
         return grad, None
 
 
+class _VarCovOwnRows(torch.autograd.Function):
+    """The Gram form (N < D) across processes, each process differentiating its own rows only.
+
+    Input: this process's rows x_r (S, B, D). The rows of all processes are gathered (no autograd),
+    the statistics are taken on all N = B·W rows, but the Gram matrix is formed for the own rows
+    only (B x N per slot, 1/W of the work), and its squared sum is summed over processes: the
+    returned (var, cov) are the full values, the same on every process. The gradient of the own
+    rows needs nothing else — ∂f/∂x_k = 4 Σ_j G_kj x_j uses row k of G — so the backward makes no
+    collective at all; it is returned times W, which is what the gather layer's summed backward
+    gives the unsharded loss (then DDP averages over processes).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, world: int):
+        s, b, d = x.shape
+        pieces = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(pieces, x.contiguous())
+        full = torch.cat(pieces, dim=1)  # (S, N, D)
+        n = full.shape[1]
+        lo, hi = rank * b, (rank + 1) * b
+        xc = torch.empty_like(full)
+        col_sq, off = full.new_empty(s, d), full.new_empty(s)
+        blocks = full.new_empty(s, b, n)
+        for c in _chunks(full):
+            torch.sub(full[c], full[c].mean(dim=-2, keepdim=True), out=xc[c])
+            torch.sum(xc[c].square(), dim=-2, out=col_sq[c])
+            torch.matmul(xc[c][:, lo:hi], xc[c].transpose(-1, -2), out=blocks[c])
+            off[c] = blocks[c].square().sum(dim=(-2, -1)) - col_sq[c].square().sum(dim=-1) / world
+        dist.all_reduce(off)
+        std = torch.sqrt(col_sq / (n - 1) + VAR_EPS)
+        var = F.relu(1 - std).mean(dim=-1)
+        ctx.save_for_backward(xc, col_sq, std, blocks)
+        ctx.lo, ctx.hi, ctx.world = lo, hi, world
+        return var, off / ((n - 1) ** 2 * d)
+
+    @staticmethod
+    def backward(ctx, g_var: Tensor, g_cov: Tensor):
+        xc, col_sq, std, blocks = ctx.saved_tensors
+        lo, hi, world = ctx.lo, ctx.hi, ctx.world
+        n, d = xc.shape[-2], xc.shape[-1]
+        g_cov = (g_cov / ((n - 1) ** 2 * d))[..., None, None]
+        d_col = -(std < 1).to(xc.dtype) / (2 * std * (n - 1) * d) * g_var[..., None] - 2 * col_sq * g_cov[..., 0]
+        grad = xc.new_empty(xc.shape[0], hi - lo, d)
+        for c in _chunks(xc):
+            torch.mul(xc[c][:, lo:hi], (2 * d_col[c]).unsqueeze(-2), out=grad[c])
+            grad[c].baddbmm_(blocks[c] * (4 * g_cov[c]), xc[c])
+        return grad * world, None, None
+
+
 def _cov_block(xc: Tensor, lo: int, hi: int) -> Tensor:
     """Columns [lo, hi) of xcᵀxc with the diagonal entries zeroed: (S, hi - lo, D)."""
     block = torch.matmul(xc[..., lo:hi].transpose(-1, -2), xc)
@@ -146,6 +199,55 @@ def _chunks(x: Tensor) -> List[slice]:
 def _bounds(size: int, r: int, w: int) -> Tuple[int, int]:
     """This process's share [lo, hi) of ``size`` rows or columns (as even as possible)."""
     return size * r // w, size * (r + 1) // w
+
+
+class _SlotShard(torch.autograd.Function):
+    """(S, B, D) per process -> (S_r, N, D): process r receives every process's rows of its own
+    share of the slots (one all_to_all); the backward sends each process the gradient of its rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, world: int) -> Tensor:
+        bounds = [_bounds(x.shape[0], p, world) for p in range(world)]
+        send = [x[lo:hi].contiguous() for lo, hi in bounds]
+        lo, hi = bounds[rank]
+        recv = [x.new_empty(hi - lo, x.shape[1], x.shape[2]) for _ in range(world)]
+        dist.all_to_all(recv, send)
+        ctx.bounds, ctx.rank = bounds, rank
+        return torch.cat(recv, dim=1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        world = len(ctx.bounds)
+        send = [part.contiguous() for part in g.chunk(world, dim=1)]
+        recv = [g.new_empty(hi - lo, g.shape[1] // world, g.shape[2]) for lo, hi in ctx.bounds]
+        dist.all_to_all(recv, send)
+        return torch.cat(recv, dim=0), None, None
+
+
+def _distributed_vc(x: Tensor, weights: Tensor, shard: Optional[bool]) -> Tuple[Tensor, Tensor]:
+    """Σ_s weights_s · (var_s, cov_s) for this process's x (S, B, D), statistics over all processes' batch.
+
+    Unsharded (``shard=False``) or in one process: gather, then compute everything here. Sharded:
+    - many slots (S >= 2W, the local loss): each process receives all rows of 1/W of the slots
+      (``_SlotShard``) and returns its share times W;
+    - few slots and N = B·W < D (the global loss): own Gram rows (``_VarCovOwnRows``), full values;
+    - otherwise: gather, then 1/W of the covariance columns, shares times W.
+    A share's mean over processes is the value; the gradients are those of the unsharded loss.
+    """
+    world = get_world_size()
+    sharded = world > 1 and shard in (None, True)
+    if sharded and x.shape[0] >= 2 * world:
+        rank = get_rank()
+        lo, hi = _bounds(x.shape[0], rank, world)
+        var, cov = variance_covariance(_SlotShard.apply(x, rank, world))
+        w = weights[lo:hi].to(var.dtype)
+        return (var * w).sum() * world, (cov * w).sum() * world
+    if sharded and x.shape[1] * world < x.shape[2]:
+        var, cov = _VarCovOwnRows.apply(x, get_rank(), world)
+    else:
+        var, cov = variance_covariance(gather_batch(x, dim=1), _default_shard() if sharded else None)
+    w = weights.to(var.dtype)
+    return (var * w).sum(), (cov * w).sum()
 
 
 def variance_covariance(x: Tensor, shard: Shard = None) -> Tuple[Tensor, Tensor]:
@@ -184,9 +286,9 @@ def global_loss(embeddings: Sequence[Tensor], inv_coeff: float = 25.0, var_coeff
     num_pairs = len(_view_pairs(len(z)))
     # Σ_{i<2} Σ_{j≠i} ‖z_i - z_j‖²: the j = i term is zero, so no mask is needed.
     inv = sum((z - z[i]).square().sum() for i in range(2)) / (num_pairs * z[0].numel())
-    gathered = gather_batch(z, dim=1)  # (V, N, D)
-    var, cov = variance_covariance(gathered, _default_shard() if shard in (None, True) else None)
-    return inv_coeff * inv, var_coeff * var.mean(), cov_coeff * cov.mean()
+    mean = torch.full((len(z),), 1.0 / len(z), dtype=z.dtype, device=z.device)
+    var, cov = _distributed_vc(z, mean, shard)  # means over views, statistics over the gathered batch
+    return inv_coeff * inv, var_coeff * var, cov_coeff * cov
 
 
 # ----------------------------------------------------------------------------- matching
@@ -396,7 +498,6 @@ def local_loss(maps: Sequence[Tensor], locations: Sequence[Tensor], num_matches:
     inv = (sq_err * inv_w).sum() / (feats.shape[0] * feats.shape[2])
 
     vc_idx, vc_w = slots.vc_indices(feats.shape[0], feats.device)
-    gathered = gather_batch(_take_slots(feats, vc_idx), dim=1)  # (S, N, C)
-    var, cov = variance_covariance(gathered, _default_shard() if shard in (None, True) else None)
-    vc_w = vc_w.to(var.device, var.dtype, non_blocking=True)
-    return inv_coeff * inv, var_coeff * (var * vc_w).sum(), cov_coeff * (cov * vc_w).sum()
+    vc_w = vc_w.to(feats.device, feats.dtype, non_blocking=True)
+    var, cov = _distributed_vc(_take_slots(feats, vc_idx), vc_w, shard)  # weighted sums over the slots
+    return inv_coeff * inv, var_coeff * var, cov_coeff * cov
