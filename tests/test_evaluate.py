@@ -98,7 +98,7 @@ def run_eval(*args, check=True):
 def read_stats(exp_dir):
     """The JSON lines of stats.txt (each start of the script first writes its command line)."""
     lines = (exp_dir / "stats.txt").read_text().splitlines()
-    assert "evaluate.py" in lines[0]
+    assert not lines[0].startswith("{"), "stats.txt should open with the command line"
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
