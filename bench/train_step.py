@@ -114,7 +114,8 @@ def main():
     p.add_argument("--mlp", default=None, help="global expander")
     p.add_argument("--maps-mlp", default=None, help="local expander")
     p.add_argument("--fp16", type=int, default=1, help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    p.add_argument("--small-input", type=int, default=1, help="CPU defaults: small-input ResNet stem")
+    p.add_argument("--small-input", type=int, default=None,
+                   help="small-input ResNet stem (default: 1 with the CPU defaults, 0 on a GPU)")
     p.add_argument("--channels-last", action="store_true", help="also on CPU (always on for CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone in 'ours'")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -125,6 +126,8 @@ def main():
     args.arch = args.arch or defaults["archs"]
     args.crops = args.crops or defaults["crops"]
     args.batch = args.batch or defaults["batch"]
+    if args.small_input is None:
+        args.small_input = int(device.type != "cuda")
     args.mlp = args.mlp or defaults["mlp"]
     args.maps_mlp = args.maps_mlp or defaults["maps_mlp"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
