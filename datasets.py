@@ -208,30 +208,32 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, freq: float, phase: flo
     raise ValueError(f"unknown texture {texture}")
 
 
+# Six colours (three hues, dark and light), drawn independently of the class. Colours are the
+# nuisance here: with freely drawn colours, an image's colours alone would tell it from every other
+# image, and self-supervised pretraining learns that shortcut instead of shapes and textures (in
+# short runs it learned nothing else). A small palette leaves shape and texture as what sets an image
+# apart, while random-init features, which mostly see colour, stay near chance.
+_PALETTE_HUES = (0.5, 2.5, 4.5)  # on the 0-6 hue circle: orange, green, purple
+_PALETTE_VALUES = (0.5, 0.9)
+
+
 def _random_colours(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n, 3) float32 colours in [0, 255]: random hue, fairly saturated, mid to high value."""
-    hue = rng.random(n) * 6.0
-    sat = rng.uniform(0.35, 1.0, n)
-    val = rng.uniform(0.35, 1.0, n)
+    """(n, 3) float32 colours in [0, 255] drawn from the six-colour palette."""
+    hue = np.asarray(_PALETTE_HUES)[rng.integers(0, len(_PALETTE_HUES), n)]
+    val = np.asarray(_PALETTE_VALUES)[rng.integers(0, len(_PALETTE_VALUES), n)]
+    sat = 0.7
     k = (np.array([5.0, 3.0, 1.0]) + hue[:, None]) % 6.0  # closed-form HSV -> RGB
-    rgb = val[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+    rgb = val[:, None] * (1 - sat * np.clip(np.minimum(k, 4 - k), 0, 1))
     return (255.0 * rgb).astype(np.float32)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float32: a colour gradient plus colour noise with a 1/f spectrum."""
-    freqs = np.sqrt(np.fft.fftfreq(size)[:, None] ** 2 + np.fft.rfftfreq(size)[None, :] ** 2)
-    freqs[0, 0] = 1.0
-    spectrum = rng.standard_normal((3, size, size // 2 + 1)) + 1j * rng.standard_normal(
-        (3, size, size // 2 + 1))
-    noise = np.fft.irfft2(spectrum / freqs ** 1.2, s=(size, size))  # (3, size, size)
-    noise = noise / (noise.std(axis=(1, 2), keepdims=True) + 1e-8)
+    """(size, size, 3) float32: a linear gradient between two palette colours at a random angle."""
     colours = _random_colours(rng, 2)
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
     angle = rng.random() * 2 * np.pi
     t = np.clip(0.5 + (ramp[None, :] - 0.5) * np.cos(angle) + (ramp[:, None] - 0.5) * np.sin(angle), 0, 1)
     image = colours[0] * (1 - t[..., None]) + colours[1] * t[..., None]
-    image += rng.uniform(10, 35) * noise.transpose(1, 2, 0)
     return image.astype(np.float32)
 
 
@@ -241,12 +243,13 @@ _SHAPE_SCALE = {"disk": 1.0, "square": 1.15, "triangle": 1.4, "star": 1.35, "rin
 
 
 def _paint_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, c: int,
-                  radius: float) -> None:
-    """Paint one object of class c (random colours, rotation, position) over image and mask."""
+                  radius: float, centre: Tuple[float, float]) -> None:
+    """Paint one object of class c (random colours, rotation, position with the centre drawn in
+    ``centre`` = (low, high) fractions of the side) over image and mask."""
     size = image.shape[0]
     shape, texture = SHAPES[c % len(SHAPES)], TEXTURES[c // len(SHAPES)]
     radius *= _SHAPE_SCALE[shape]
-    cy, cx = rng.uniform(0.15 * size, 0.85 * size, 2)
+    cy, cx = rng.uniform(centre[0] * size, centre[1] * size, 2)
     y0, y1 = max(0, int(cy - radius)), min(size, int(np.ceil(cy + radius)) + 1)
     x0, x1 = max(0, int(cx - radius)), min(size, int(np.ceil(cx + radius)) + 1)
     yy = (np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy) / radius
@@ -255,7 +258,7 @@ def _paint_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
     cos, sin = np.cos(angle), np.sin(angle)
     u, v = xx * cos + yy * sin, yy * cos - xx * sin  # (h, w) coordinates in the object's frame
     inside = _shape_mask(shape, u, v)
-    pattern = _texture(texture, u, v, freq=rng.uniform(6.0, 12.0), phase=rng.random() * 2 * np.pi)
+    pattern = _texture(texture, u, v, freq=rng.uniform(5.0, 8.0), phase=rng.random() * 2 * np.pi)
     colours = _random_colours(rng, 2)
     paint = np.where(pattern[..., None], colours[1], colours[0])  # (h, w, 3)
     image[y0:y1, x0:x1][inside] = paint[inside]
@@ -266,11 +269,12 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int,
                  max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, int]:
     """One procedural scene.
 
-    Class c is the pair (shape SHAPES[c % 5], texture TEXTURES[c // 5]); colours, size, position,
-    rotation and texture frequency are nuisances drawn at random, so a classifier must see
-    shape and texture, not colour. A main object of a uniformly drawn class and up to
-    ``max_objects - 1`` smaller distractors of any class are painted in random order over a
-    textured background, so they occlude each other. The label is the class covering the most
+    Class c is the pair (shape SHAPES[c % 5], texture TEXTURES[c // 5]); colours (from a
+    six-colour palette), size, position, rotation and texture frequency are nuisances drawn at
+    random, so a classifier must see shape and texture, not colour. A large main object of a
+    uniformly drawn class, near the centre so that most crops hold part of it, and up to
+    ``max_objects - 1`` smaller distractors of any class anywhere are painted in random order over
+    a gradient background, so they occlude each other. The label is the class covering the most
     visible pixels (almost always the main object's).
     Returns image (size, size, 3) uint8, mask (size, size) uint8 (0 background, c + 1 for a
     pixel of class c) and the label.
@@ -279,9 +283,10 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int,
     mask = np.zeros((size, size), dtype=np.uint8)
     num_distractors = int(rng.integers(0, max_objects))
     classes = rng.integers(0, num_classes, 1 + num_distractors)
-    radii = np.concatenate([rng.uniform(0.24, 0.32, 1), rng.uniform(0.1, 0.18, num_distractors)])
+    radii = np.concatenate([rng.uniform(0.38, 0.48, 1), rng.uniform(0.1, 0.18, num_distractors)])
     for k in rng.permutation(1 + num_distractors):
-        _paint_object(image, mask, rng, int(classes[k]), radii[k] * size)
+        centre = (0.4, 0.6) if k == 0 else (0.15, 0.85)
+        _paint_object(image, mask, rng, int(classes[k]), radii[k] * size, centre)
     image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)  # sensor-like noise
     counts = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
     label = int(counts.argmax())

@@ -10,7 +10,6 @@ resumes or reuses what is already there.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,14 +33,28 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # Settings of the demo's pretraining (see the README for the table they produce).
-DEMO = dict(epochs=20, probe_epochs=10, images=4096)
-PRETRAIN = ["--dataset", "builtin", "--builtin-size", "32", "--small-input", "--size-crops", "32", "16",
-            "--num-crops", "2", "4", "--min_scale_crops", "0.3", "0.1", "--max_scale_crops", "1", "0.4",
-            "--num_matches", "8", "2", "--mlp", "1024-1024-1024", "--maps-mlp", "256-256-256",
-            "--batch-size", "128", "--warmup-epochs", "2", "--optimizer", "adamw", "--base-lr", "0.01",
-            "--weight-decay", "0.01", "--num-workers", "1", "--log-tensors-interval", "20"]
-EVALUATE = ["--dataset", "builtin", "--builtin-size", "32", "--crop-size", "32", "--resize-size", "32",
-            "--small-input", "--batch-size", "256", "--lr-head", "0.1", "--workers", "1", "--knn"]
+DEMO = dict(epochs=8, probe_epochs=10, images=4096)
+PRETRAIN = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objects", "1", "--small-input",
+            "--size-crops", "32", "16", "--num-crops", "2", "4", "--min_scale_crops", "0.3", "0.1",
+            "--max_scale_crops", "1", "0.4", "--num_matches", "8", "2", "--mlp", "1024-1024-1024",
+            "--maps-mlp", "256-256-256", "--batch-size", "128", "--warmup-epochs", "1", "--optimizer", "adamw",
+            "--base-lr", "0.02", "--weight-decay", "0.01", "--num-workers", "1", "--log-tensors-interval", "20"]
+EVALUATE = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objects", "1", "--crop-size", "32",
+            "--resize-size", "32", "--small-input", "--batch-size", "256", "--lr-head", "0.1", "--workers", "1",
+            "--knn"]
+
+
+def brief(line: str) -> str:
+    """One short progress line for a JSON stats line (the full line is in stats.txt), or ''."""
+    try:
+        stats = json.loads(line)
+    except ValueError:
+        return line
+    if "st" in stats and "l" in stats:  # main_vicregl.py
+        return f"epoch {stats['ep']} step {stats['st']}: loss {stats['l']:.3f}\n"
+    if "acc1" in stats and "epoch" in stats:  # evaluate.py
+        return f"probe epoch {stats['epoch']}: val top-1 {stats['acc1']:.1f}%\n"
+    return ""
 
 
 def run(cmd, log: Path) -> None:
@@ -52,8 +65,9 @@ def run(cmd, log: Path) -> None:
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
-            if not line.startswith("{"):  # JSON lines are in stats.txt; show the rest
-                sys.stdout.write("  " + line)
+            text = brief(line) if line.startswith("{") else line  # JSON lines are in stats.txt
+            if text:
+                sys.stdout.write("  " + text)
                 sys.stdout.flush()
         if proc.wait() != 0:
             sys.exit(f"demo: {cmd[0]} failed (exit {proc.returncode}); see {log}")

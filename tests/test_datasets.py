@@ -72,6 +72,36 @@ def test_builtin_sample_format_and_label_balance():
     assert data[5][1] == data.sample(5)[2] and isinstance(data[5][0], Image.Image)
 
 
+def test_builtin_colours_come_from_a_small_palette_independent_of_the_class():
+    """Colours carry no class and little identity (the shortcut that kept pretraining from learning):
+    every object pixel is within sensor noise of one of six palette colours, and each colour appears
+    with every shape."""
+    palette = datasets._random_colours(np.random.default_rng(0), 2000)
+    colours = np.unique(palette.round(), axis=0)
+    assert len(colours) == 6
+    data = datasets.BuiltinDataset("train", num_images=200, image_size=32, max_objects=1)
+    seen = set()
+    for i in range(200):
+        image, mask, label = data.sample(i)
+        pixels = np.asarray(image, dtype=np.float32)[mask > 0]  # (n, 3)
+        distance = np.abs(pixels[:, None, :] - colours[None]).max(-1).min(-1)  # to the nearest palette colour
+        assert np.quantile(distance, 0.99) < 20, (i, np.quantile(distance, 0.99))
+        nearest = np.abs(pixels[:, None, :] - colours[None]).max(-1).argmin(-1)
+        seen |= {(label % len(datasets.SHAPES), int(c)) for c in np.unique(nearest)}
+    assert len(seen) == len(datasets.SHAPES) * 6
+
+
+def test_builtin_main_object_is_large_and_central():
+    """Most crops of a scene hold part of the main object: it covers a good part of the image and its
+    centre of mass is near the image centre."""
+    data = datasets.BuiltinDataset("val", num_images=100, image_size=32, max_objects=1)
+    for i in range(100):
+        _, mask, _ = data.sample(i)
+        assert 0.15 < (mask > 0).mean() < 0.9, (i, (mask > 0).mean())
+        ys, xs = np.nonzero(mask)
+        assert abs(ys.mean() - 15.5) < 7 and abs(xs.mean() - 15.5) < 7
+
+
 def test_builtin_masks_follow_the_image_content():
     """Mask boundaries sit on image edges: the colour change across the pixels where the mask
     changes is largest for the mask as rendered, not for the mask shifted sideways."""

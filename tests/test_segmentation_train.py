@@ -70,7 +70,7 @@ def test_end_to_end_run_beats_a_constant_predictor(learnt):
     final = val[-1]
     assert set(final["IoU"]) == {"background", "disk-stripes", "square-stripes"}
     baseline = constant_background_miou()
-    assert 20 < baseline < 30  # about three quarters of the pixels are background, one class in three
+    assert 10 < baseline < 30  # background is the largest class, but only one class in three
     assert final["mIoU"] > baseline + 3, (final, baseline)
     assert all(v is not None and v > 0 for v in final["IoU"].values())  # objects found, not just background
     assert f"done: mIoU {final['mIoU']:.2f}" in result.stdout
