@@ -40,8 +40,8 @@ PRETRAIN = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objec
             "--maps-mlp", "256-256-256", "--batch-size", "128", "--warmup-epochs", "1", "--optimizer", "adamw",
             "--base-lr", "0.02", "--weight-decay", "0.01", "--num-workers", "1", "--log-tensors-interval", "20"]
 EVALUATE = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objects", "1", "--crop-size", "32",
-            "--resize-size", "32", "--small-input", "--batch-size", "256", "--lr-head", "0.1", "--workers", "1",
-            "--knn"]
+            "--resize-size", "32", "--small-input", "--batch-size", "256", "--lr-head", "0.1",
+            "--min-crop-scale", "0.5", "--workers", "1", "--knn"]
 
 
 def brief(line: str) -> str:

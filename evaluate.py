@@ -62,6 +62,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(32 for 32-pixel images)")
     g.add_argument("--resize-size", type=int, default=256,
                    help="validation: shorter side resized to this before the centre crop")
+    g.add_argument("--min-crop-scale", type=float, default=0.08,
+                   help="smallest area fraction of the random-resized training crops (the reference's 0.08); "
+                        "larger values suit small images such as the built-in dataset's")
     g.add_argument("--builtin-images", type=int, default=4096, help="training images of --dataset builtin")
     g.add_argument("--builtin-val-images", type=int, default=1024, help="validation images of --dataset builtin")
     g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
@@ -140,6 +143,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--crop-size {args.crop_size} is too small for --arch {args.arch}")
     if args.epochs < 1 and not args.knn_only:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 < args.min_crop_scale <= 1:
+        raise UserError(f"--min-crop-scale must be in (0, 1], got {args.min_crop_scale}")
     if args.knn_k < 1 or args.knn_temperature <= 0:
         raise UserError(f"--knn-k must be >= 1 and --knn-temperature > 0 (got {args.knn_k}, "
                         f"{args.knn_temperature})")
@@ -276,7 +281,7 @@ def build_data(args, info: utils.DistInfo):
     try:
         train_loader = None
         if not args.knn_only:
-            train_loader = datasets.build_loader(WithTransform(train_set, linear_train_transform(args.crop_size)),
+            train_loader = datasets.build_loader(WithTransform(train_set, linear_train_transform(args.crop_size, args.min_crop_scale)),
                                                  args.batch_size, info.world_size, info.rank, train=True,
                                                  num_workers=args.workers, seed=args.seed,
                                                  pin_memory=info.device.type == "cuda")

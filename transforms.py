@@ -680,9 +680,10 @@ class ReferenceMultiCropTransform(_MultiCropConfig):
 # Evaluation transforms (linear probe, k-NN): the ImageNet evaluation protocol
 # --------------------------------------------------------------------------------------------
 
-def linear_train_transform(crop: int = 224) -> T.Compose:
-    """Linear-probe training: random-resized crop, flip, normalised with the evaluation std 0.229."""
-    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
+def linear_train_transform(crop: int = 224, min_scale: float = 0.08) -> T.Compose:
+    """Linear-probe training: random-resized crop (area fraction in [min_scale, 1]), flip, normalised
+    with the evaluation std 0.229."""
+    return T.Compose([T.RandomResizedCrop(crop, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(IMAGENET_MEAN, EVAL_STD)])
 
 

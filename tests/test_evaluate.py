@@ -249,6 +249,29 @@ def test_missing_pretrained_file_is_a_user_error(tmp_path, capsys):
     assert code == 2 and err.startswith("error: checkpoint file not found") and "nope.pth" in err
 
 
+@pytest.mark.parametrize("scale", ["0", "1.5"])
+def test_min_crop_scale_outside_0_1_is_a_user_error(tmp_path, capsys, scale):
+    code = _main([*BUILTIN_RUN, "--exp-dir", tmp_path, "--min-crop-scale", scale])
+    assert code == 2 and "--min-crop-scale must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_min_crop_scale_bounds_the_training_crops():
+    """Crops drawn with --min-crop-scale 0.5 cover about half of the image's area or more; the default
+    keeps the reference's (0.08, 1)."""
+    import transforms
+    from PIL import Image
+    image = Image.new("RGB", (64, 64))
+    crop = transforms.linear_train_transform(32, 0.5).transforms[0]
+    torch.manual_seed(0)
+    areas = [crop.get_params(image, crop.scale, crop.ratio) for _ in range(500)]
+    fractions = [h * w / 64 ** 2 for _, _, h, w in areas]
+    assert min(fractions) >= 0.47 and max(fractions) <= 1.0  # sides are rounded to whole pixels
+    default = transforms.linear_train_transform(32).transforms[0]
+    assert default.scale == (0.08, 1.0)
+    assert min(h * w / 64 ** 2 for _, _, h, w in (default.get_params(image, default.scale, default.ratio)
+                                                   for _ in range(500))) < 0.2
+
+
 def test_small_input_mismatch_gets_a_hint(sources):
     paths, _ = sources
     backbone, _ = models.build_backbone("resnet_test", small_input=True)
