@@ -882,6 +882,14 @@ def _add_image_args(p: argparse.ArgumentParser, default_indices: Sequence[int]) 
     g.add_argument("--builtin-split", choices=["train", "val"], default="val", help="built-in split to draw from")
 
 
+def _add_picture_args(p: argparse.ArgumentParser, default_name: str) -> None:
+    p.add_argument("--panel", type=int, default=224, help="side of each panel in the picture, in pixels")
+    p.add_argument("--out", help=f"output PNG (default: {default_name} next to --checkpoint, else in the current "
+                                 "folder)")
+    p.add_argument("--palette", action="store_true",
+                   help="save with a 256-colour palette (smaller files, e.g. for documentation)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
@@ -914,10 +922,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--compare-random", action="store_true",
                    help="add a column for a randomly initialised backbone of the same architecture (seeded by "
                         "--seed): what the colours of an untrained network look like")
-    f.add_argument("--panel", type=int, default=224, help="side of each panel in the picture, in pixels")
-    f.add_argument("--out", help="output PNG (default: features.png next to --checkpoint, else in the current folder)")
-    f.add_argument("--palette", action="store_true",
-                   help="save with a 256-colour palette (smaller files, e.g. for documentation)")
+    _add_picture_args(f, "features.png")
 
     m = sub.add_parser("matches", formatter_class=fmt,
                        help="two random crops of one image with their location and feature-space matches",
@@ -942,10 +947,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--l2_all_matches", action="store_true",
                    help="draw the feature match of every cell (what the loss uses with --l2_all_matches 1) "
                         "instead of the best K1 / K2")
-    m.add_argument("--panel", type=int, default=224, help="side of each panel in the picture, in pixels")
-    m.add_argument("--out", help="output PNG (default: matches.png next to --checkpoint, else in the current folder)")
-    m.add_argument("--palette", action="store_true",
-                   help="save with a 256-colour palette (smaller files, e.g. for documentation)")
+    _add_picture_args(m, "matches.png")
 
     c = sub.add_parser("curves", formatter_class=fmt, help="training curves of every loss term from stats.txt files",
                        description="Plot every loss term and the online probe's accuracy against the training "
