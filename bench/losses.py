@@ -3,10 +3,10 @@
     python bench/losses.py                         # N 64 (plus the sweep, precision and processes below)
     python bench/losses.py --sweep --processes     # only the default shapes
 
-The plain formulation is the textbook one: a D x D (or C x C per slot) covariance matrix for every
-view and matched slot, pairs in Python loops. Ratios are plain / ours; the reference
-implementation's timings on a 2-core CPU (12.7 s local, 10.5 s global at the default shapes) are
-printed for scale.
+The plain formulation is models/losses_reference.py, the losses written as the paper's equations:
+a D x D (or C x C per slot) covariance matrix for every view and matched slot, pairs in Python
+loops. Ratios are plain / ours; the reference implementation's timings on a 2-core CPU (12.7 s
+local, 10.5 s global at the default shapes) are printed for scale.
 """
 import argparse
 import os
@@ -14,55 +14,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.losses import global_loss, local_loss, match  # noqa: E402
+from models.losses import global_loss, local_loss  # noqa: E402
+from models.losses_reference import directions, matched_terms, view_pairs  # noqa: E402
+# the plain formulation, also used by bench/train_step.py
+from models.losses_reference import global_loss as plain_global, local_loss as plain_local  # noqa: E402,F401
 
 REFERENCE_SECONDS = {"local": 12.7, "global": 10.5}
-
-
-# ----------------------------------------------------------------------------- plain formulation
-
-def _plain_vc(x):
-    """x (N, D) -> (var, cov) by the covariance matrix itself."""
-    x = x - x.mean(0)
-    std = torch.sqrt(x.var(0) + 1e-4)
-    c = x.T @ x / (x.shape[0] - 1)
-    off = c - torch.diag(torch.diagonal(c))
-    return F.relu(1 - std).mean(), off.pow(2).sum() / x.shape[1]
-
-
-def plain_global(z, inv_c=25.0, var_c=25.0, cov_c=1.0):
-    pairs = [(i, j) for i in range(2) for j in range(len(z)) if j != i]
-    inv = sum(F.mse_loss(z[i], z[j]) for i, j in pairs) / len(pairs)
-    vcs = [_plain_vc(e) for e in z]
-    return inv_c * inv, var_c * sum(v for v, _ in vcs) / len(z), cov_c * sum(c for _, c in vcs) / len(z)
-
-
-def _plain_slots(x, y):
-    inv = F.mse_loss(x, y)
-    var = cov = 0.0
-    for s in range(x.shape[1]):  # one C x C covariance per slot
-        vx, cx = _plain_vc(x[:, s])
-        vy, cy = _plain_vc(y[:, s])
-        var, cov = var + (vx + vy) / 2, cov + (cx + cy) / 2
-    return inv, var / x.shape[1], cov / x.shape[1]
-
-
-def plain_local(maps, locs, num_matches=(20, 4), inv_c=25.0, var_c=25.0, cov_c=1.0):
-    grids = [g.flatten(1, 2) for g in locs]
-    pairs = [(i, j) for i in range(2) for j in range(len(maps)) if j != i]
-    inv = var = cov = 0.0
-    for i, j in pairs:
-        for a_d, b_d, a_f, b_f, k in ((maps[i], maps[j], maps[i], maps[j], maps[i].shape[1]),
-                                      (maps[j], maps[i], maps[j], maps[i], maps[j].shape[1]),
-                                      (grids[i], grids[j], maps[i], maps[j], num_matches[0]),
-                                      (grids[j], grids[i], maps[j], maps[i], num_matches[1])):
-            t = _plain_slots(*match(a_d, b_d, a_f, b_f, k))
-            inv, var, cov = inv + t[0] / 2, var + t[1] / 2, cov + t[2] / 2
-    n = len(pairs)
-    return inv_c * inv / n, var_c * var / n, cov_c * cov / n
 
 
 # ----------------------------------------------------------------------------- timing
@@ -79,22 +38,20 @@ def _time(fn, leaves, repeat):
     return best
 
 
-def _time_plain_local_streaming(maps, locs, repeat):
+def _time_plain_local_streaming(maps, locs, repeat, num_matches=(20, 4)):
     """The plain local loss with a backward per matching direction, so that its per-slot covariance
     matrices never all sit in memory at once (the same arithmetic and result as plain_local)."""
     best = float("inf")
     grids = [g.flatten(1, 2) for g in locs]
-    pairs = [(i, j) for i in range(2) for j in range(len(maps)) if j != i]
+    pairs = view_pairs(len(maps))
     for _ in range(repeat):
         for t in maps:
             t.grad = None
         start = time.perf_counter()
         for i, j in pairs:
-            for a_d, b_d, a_f, b_f, k in ((maps[i], maps[j], maps[i], maps[j], maps[i].shape[1]),
-                                          (maps[j], maps[i], maps[j], maps[i], maps[j].shape[1]),
-                                          (grids[i], grids[j], maps[i], maps[j], 20),
-                                          (grids[j], grids[i], maps[j], maps[i], 4)):
-                inv, var, cov = _plain_slots(*match(a_d, b_d, a_f, b_f, k))
+            for x, y in directions(maps, grids, i, j, num_matches, l2_all_matches=True):
+                inv, var, cov = matched_terms(x, y)
+                # each direction is half of its matching's average, then the mean over pairs
                 ((25 * inv + 25 * var + cov) / (2 * len(pairs))).backward()
         best = min(best, time.perf_counter() - start)
     return best

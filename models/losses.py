@@ -52,6 +52,17 @@ def _full_precision(fn):
     return wrapper
 
 
+def _no_autocast(backward):
+    """A hand-written backward that runs in its tensors' precision even when ``.backward()`` is
+    called inside an autocast region (autocast would otherwise recast its matmuls to 16 bits)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        device = next((g.device.type for g in grads if torch.is_tensor(g)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+    return wrapper
+
+
 def _upcast(t):
     return t.float() if torch.is_tensor(t) and t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -100,6 +111,7 @@ class _VarCov(torch.autograd.Function):
         return var, off * w / ((n - 1) ** 2 * d)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, g_var: Tensor, g_cov: Tensor):
         xc, col_sq, std, *blocks = ctx.saved_tensors
         lo, hi, w = ctx.lo, ctx.hi, ctx.w
@@ -169,6 +181,7 @@ class _VarCovOwnRows(torch.autograd.Function):
         return var, off / ((n - 1) ** 2 * d)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, g_var: Tensor, g_cov: Tensor):
         xc, col_sq, std, blocks = ctx.saved_tensors
         lo, hi, world = ctx.lo, ctx.hi, ctx.world
@@ -216,6 +229,7 @@ class _SlotShard(torch.autograd.Function):
         return torch.cat(recv, dim=1)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, g: Tensor):
         world = len(ctx.bounds)
         send = [part.contiguous() for part in g.chunk(world, dim=1)]
@@ -409,6 +423,7 @@ class _MatchedSqErr(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, g: Tensor):
         feats, x_rows, y_rows = ctx.saved_tensors
         b, l, c = feats.shape
@@ -432,11 +447,6 @@ def _slot_chunks(rows: Tensor, channels: int, device) -> List[slice]:
     k, b = rows.shape
     step = k if device.type != "cpu" else max(1, (1 << 19) // max(1, b * channels))
     return [slice(i, min(k, i + step)) for i in range(0, k, step)]
-
-
-def _take(feats: Tensor, idx: Tensor) -> Tensor:
-    """feats (B, L, C), idx (B, K) -> (B, K, C)."""
-    return feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
 
 
 def _take_slots(feats: Tensor, idx: Tensor) -> Tensor:
