@@ -1,11 +1,14 @@
 """Backbones, expanders and the pretraining model: checkpoint names, shapes, gradients."""
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 
 import models
-from models.vicregl import VICRegL, VICRegLConfig, build_expander, parse_mlp, representation_metrics
+from models.vicregl import VICRegL, VICRegLConfig, accuracy, build_expander, parse_mlp, representation_metrics
 
 
 def _manifest(data_dir):
@@ -33,12 +36,51 @@ def test_pretraining_model_keys_match_the_manifest(data_dir):
         assert _keys(model, "module.") == keys, arch
 
 
-def test_published_style_state_dict_loads_strict(data_dir):
-    net, _ = models.build_backbone("resnet_test")
-    other, _ = models.build_backbone("resnet_test")
-    other.load_state_dict(net.state_dict(), strict=True)
-    for a, b in zip(net.parameters(), other.parameters()):
-        assert torch.equal(a, b)
+def _published_style_state_dict(keys, seed=0):
+    """Random tensors under the published file's names and shapes (``keys``: [name, shape] pairs from
+    the reference manifest). Convolutions are He-scaled and BatchNorm statistics plausible, so the
+    activations of a deep net stay finite and far from zero. Float64, for a tight comparison."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in keys:
+        if name.endswith("num_batches_tracked"):
+            sd[name] = torch.tensor(0)
+        elif name.endswith("running_var"):
+            sd[name] = torch.rand(shape, generator=gen) + 0.5
+        elif len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            sd[name] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        elif name.endswith("weight"):  # BatchNorm scale
+            sd[name] = 1 + 0.2 * torch.randn(shape, generator=gen)
+        else:  # BatchNorm shift and running mean
+            sd[name] = 0.1 * torch.randn(shape, generator=gen)
+    return {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("arch,torchvision_net", [("resnet34", "resnet34"), ("resnet50", "resnet50")])
+def test_published_resnet_weights_compute_what_torchvision_computes(data_dir, arch, torchvision_net):
+    """A state dict with the published file's names and shapes (the reference manifest, random values)
+    loads strictly, and our backbone then computes what torchvision's ResNet (an independent
+    implementation with the same parameter names, ``fc`` aside) computes with the same weights: the
+    last feature map row by row, and its average."""
+    sd = _published_style_state_dict(_manifest(data_dir)["backbones"][arch]["keys"])
+    with torch.device("meta"):  # no initialisation: every tensor comes from the state dict
+        ours, dim = models.build_backbone(arch)
+        theirs = getattr(torchvision.models, torchvision_net)()
+    theirs.fc = torch.nn.Identity()  # the published backbones have no classifier
+    ours.load_state_dict(sd, strict=True, assign=True)
+    theirs.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
+    ours, theirs = ours.eval(), theirs.eval()
+    last_map = []
+    theirs.layer4.register_forward_hook(lambda module, inputs, output: last_map.append(output))
+    x = torch.randn(1, 3, 64, 80, dtype=torch.float64)
+    with torch.no_grad():
+        maps, pooled = ours(x)
+        expected_pooled = theirs(x)  # (1, dim)
+    expected_maps = last_map[0].flatten(2).transpose(1, 2)  # (1, 2·3, dim), position = row·3 + col
+    assert maps.shape == (1, 6, dim) and expected_pooled.abs().mean() > 0.01
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=1e-9, atol=1e-9)
 
 
 def test_new_architectures_have_expected_widths():
@@ -158,6 +200,32 @@ def test_alpha_extremes_drop_expanders_and_no_labels_drop_classifier():
     assert "inv_l" not in logs and "minv_l" in logs
     with pytest.raises(ValueError, match="--alpha"):
         VICRegL(VICRegLConfig(arch="resnet_test", alpha=1.5))
+
+
+def test_online_probe_accuracy_on_a_hand_counted_case():
+    logits = torch.tensor([[0.1, 0.9, 0.3, 0.2, 0.0, -1.0],   # label 1 ranks 1st
+                           [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],    # label 4 ranks 5th
+                           [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],    # label 0 ranks 6th
+                           [0.5, 0.2, 0.1, 0.4, 0.3, 2.0]])   # label 3 ranks 3rd (after 5 and 0)
+    labels = torch.tensor([1, 4, 0, 3])
+    # Ranks 1, 5, 6, 3: top-1 holds 1 of 4, top-2 1, top-3 2, top-5 3.
+    top1, top2, top3, top5 = accuracy(logits, labels, (1, 2, 3, 5))
+    assert [float(top1), float(top2), float(top3), float(top5)] == [25.0, 25.0, 50.0, 75.0]
+    assert top1.ndim == 0
+    # With 3 classes (arg-maxima 1, 0, 2, 0) the top-5 is every class: always right.
+    assert [float(a) for a in accuracy(logits[:, :3], torch.tensor([1, 2, 2, 1]), (1, 5))] == [50.0, 100.0]
+    # The online probe reports (cross-entropy, top-1, top-5) of its classifier's logits: a classifier
+    # that copies the first 6 features gives back these logits.
+    model = VICRegL(VICRegLConfig(arch="resnet_test", mlp="8-8", maps_mlp="8-8", num_classes=6))
+    with torch.no_grad():
+        model.classifier.weight.zero_()[:, :6] = torch.eye(6)
+        model.classifier.bias.zero_()
+    features = torch.cat([logits, torch.randn(4, model.num_features - 6)], dim=1)
+    with torch.no_grad():
+        loss, top1, top5 = model.classify(features, labels)
+    cross_entropy = np.mean([math.log(np.exp(row).sum()) - row[y] for row, y in zip(logits.tolist(), labels.tolist())])
+    assert loss.item() == pytest.approx(cross_entropy, rel=1e-5)
+    assert (float(top1), float(top5)) == (25.0, 75.0)
 
 
 def test_representation_metrics_on_known_inputs():

@@ -139,16 +139,47 @@ def test_predict_slide_equals_whole_through_the_segmenter():
 # ----------------------------------------------------------------------------- features and head
 
 
+def bilinear_matrix(n_out, n_in):
+    """(n_out, n_in) weights of 1-D linear interpolation with half-pixel centres (PyTorch's
+    align_corners=False): output o samples the input at (o + ½)·n_in/n_out − ½, clamped to the edges."""
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        s = min(max((o + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1)
+        lo = int(math.floor(s))
+        hi = min(lo + 1, n_in - 1)
+        m[o, lo] += 1 - (s - lo)
+        m[o, hi] += s - lo
+    return m
+
+
+def test_bilinear_matrix_by_hand():
+    # 2 -> 4: samples at -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1).
+    assert np.allclose(bilinear_matrix(4, 2), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    assert np.allclose(bilinear_matrix(3, 3), np.eye(3))
+
+
 def test_convnext_features_concatenate_four_stages_at_stride_4():
+    """The readout's values: the four stage outputs (computed here through the backbone's own
+    downsample_layers and stages), each resized bilinearly with align_corners=False to the
+    stride-4 map and concatenated in stage order."""
+    torch.manual_seed(0)
     backbone, _ = models.build_backbone("convnext_test")
     feats = H.FrozenBackbone(backbone, [0, 1, 2, 3])
     assert feats.out_channels == 8 + 16 + 32 + 64
-    out = feats(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, 120, 16, 16)
-    # the last 64 channels are stage 4 (2x2) resized bilinearly, not zeros or a copy of stage 1
-    stage4 = backbone.forward_stages(torch.zeros(1, 3, 64, 64))[3]
-    assert stage4.shape[-2:] == (2, 2)
     assert H.stage_channels(backbone) == [8, 16, 32, 64]
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    out = feats.double()(x)  # the backbone computes in float64
+    assert out.shape == (2, 120, 16, 24)
+    expected, y = [], x
+    with torch.no_grad():
+        for down, stage in zip(backbone.downsample_layers, backbone.stages):
+            y = stage(down(y))  # (2, C_k, 16 / 2^k, 24 / 2^k)
+            rows, cols = bilinear_matrix(16, y.shape[2]), bilinear_matrix(24, y.shape[3])
+            expected.append(np.einsum("ph,bchw,qw->bcpq", rows, y.numpy(), cols))
+    expected = np.concatenate(expected, axis=1)  # (2, 120, 16, 24)
+    assert all(np.abs(expected[:, a:b]).mean() > 1e-3 for a, b in [(0, 8), (8, 24), (24, 56), (56, 120)])
+    assert out.dtype == torch.float32  # the head gets float32 features: equal up to float32 rounding
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_dilated_resnet_last_stage_has_output_stride_8():

@@ -1,6 +1,8 @@
-"""Tests of transforms.py: location grids, multi-crop structure, colour operations, and the
-fast transform's equivalence with the reference pipeline (pixel by pixel for given random
-parameters, and in distribution with independent randomness)."""
+"""Tests of transforms.py: location grids, multi-crop structure, the published augmentation
+constants and probabilities (pinned with literal numbers), colour operations, the evaluation
+transform, and the fast transform's equivalence with the published pipeline (pixel by pixel for
+given random parameters, and in distribution with independent randomness against a pipeline
+written in this file from torchvision and PIL with literal constants)."""
 import io
 import math
 
@@ -100,6 +102,92 @@ def test_crop_sampling_bounds_and_fallback():
     # torchvision's central fallback (ratio clamped to 4/3) is taken, the same as torchvision's.
     expected = T.RandomResizedCrop.get_params(torch.zeros(3, 10, 1000), [0.9, 1.0], [3 / 4, 4 / 3])
     assert tr.sample_crop(10, 1000, (0.9, 1.0), generator=gen)[:4] == tuple(expected)
+
+
+# ------------------------------------------------------------------------------------------
+# The published augmentation, pinned with literal numbers (never read from transforms.py)
+# ------------------------------------------------------------------------------------------
+
+MEAN = (0.485, 0.456, 0.406)
+PRETRAIN_STD = (0.228, 0.224, 0.225)  # (sic) the red std the published models were trained with
+EVAL_STD = (0.229, 0.224, 0.225)
+
+
+def test_augmentation_constants_are_the_published_ones():
+    assert tr.JITTER == dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    assert tr.JITTER_P == 0.8 and tr.GRAYSCALE_P == 0.2
+    assert tuple(tr.BLUR_SIGMA) == (0.1, 2.0) and tr.SOLARIZE_THRESHOLD == 128
+    assert tuple(tr.IMAGENET_MEAN) == MEAN
+    assert tuple(tr.PRETRAIN_STD) == PRETRAIN_STD and tuple(tr.EVAL_STD) == EVAL_STD
+    # Crops with an even index inside their group are always blurred and never solarised.
+    assert [tr.blur_probability(k) for k in range(6)] == [1.0, 0.1] * 3
+    assert [tr.solarize_probability(k) for k in range(6)] == [0.0, 0.2] * 3
+    for transform in (tr.MultiCropTrainDataTransform(), tr.ReferenceMultiCropTransform()):
+        assert transform.ratio == (3 / 4, 4 / 3)
+        assert transform.scales == [(0.4, 1.0), (0.08, 0.4)] and transform.num_crops == [2, 6]
+
+
+def test_reference_pipeline_is_built_with_the_published_operations():
+    """transforms.ReferenceMultiCropTransform (the benchmark's oracle) composes torchvision's
+    operations with the published strengths and probabilities."""
+    reference = tr.ReferenceMultiCropTransform()
+    assert all(c.ratio == (3 / 4, 4 / 3) and c.interpolation == BICUBIC for c in reference.crop_transforms)
+    assert reference.flip.p == 0.5
+    for k, ops in enumerate(reference.colour_transforms):
+        index = reference.view_groups[k][1]
+        jitter, gray, blur, solarize, _, normalize = ops.transforms
+        assert jitter.p == 0.8 and gray.p == 0.2
+        cj = jitter.transforms[0]
+        assert [*cj.brightness, *cj.contrast, *cj.saturation, *cj.hue] == pytest.approx(
+            [0.6, 1.4, 0.6, 1.4, 0.8, 1.2, -0.1, 0.1])
+        assert (blur.p, solarize.p) == ((1.0, 0.0) if index % 2 == 0 else (0.1, 0.2))
+        assert tuple(normalize.mean) == MEAN and tuple(normalize.std) == PRETRAIN_STD
+
+
+def sampled_parameters(num_images=500):
+    """The fast transform's random parameters for num_images 1000×1000 images with the default
+    groups (2 crops of 224, 6 of 96): a list of (group, index in group, ViewParams)."""
+    transform = tr.MultiCropTrainDataTransform(generator=torch.Generator().manual_seed(0))
+    rows = []
+    for _ in range(num_images):
+        params = transform.sample_params(1000, 1000)
+        rows += [(g, k, p) for (g, k), p in zip(transform.view_groups, params)]
+    return rows
+
+
+def test_sampled_parameters_follow_the_published_distribution():
+    """Rates and ranges of the fast transform's random choices over 4000 views (fixed seed, so
+    deterministic), against the published values. The tolerances are about 4 standard errors."""
+    rows = sampled_parameters()
+    views = [p for _, _, p in rows]
+    even = [p for _, k, p in rows if k % 2 == 0]
+    odd = [p for _, k, p in rows if k % 2 == 1]
+    assert len(even) == len(odd) == 2000
+
+    def rate(ps, pred):
+        return np.mean([pred(p) for p in ps])
+
+    assert rate(views, lambda p: p.jitter is not None) == pytest.approx(0.8, abs=0.03)
+    assert rate(views, lambda p: p.gray) == pytest.approx(0.2, abs=0.03)
+    assert rate(views, lambda p: p.flip) == pytest.approx(0.5, abs=0.035)
+    assert rate(even, lambda p: p.blur_sigma is not None) == 1.0
+    assert rate(odd, lambda p: p.blur_sigma is not None) == pytest.approx(0.1, abs=0.03)
+    assert rate(even, lambda p: p.solarize) == 0.0
+    assert rate(odd, lambda p: p.solarize) == pytest.approx(0.2, abs=0.04)
+    # Jitter factors are uniform in [1 - s, 1 + s] (hue in [-0.1, 0.1]): they fill the whole range.
+    factors = np.array([p.jitter for p in views if p.jitter is not None])  # (n, 4)
+    for column, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+        assert lo <= factors[:, column].min() < lo + 0.01 and hi - 0.01 < factors[:, column].max() <= hi
+    assert len({p.order for p in views if p.jitter is not None}) == 24  # every order of the 4 operations
+    sigmas = np.array([p.blur_sigma for p in views if p.blur_sigma is not None])
+    assert 0.1 <= sigmas.min() < 0.11 and 1.99 < sigmas.max() <= 2.0
+    # Crops: aspect ratio in (3/4, 4/3) and area fraction in the group's scale range (up to rounding).
+    for group, (lo, hi) in enumerate([(0.4, 1.0), (0.08, 0.4)]):
+        crops = np.array([p.crop[2:4] for g, _, p in rows if g == group], float)  # (n, 2): h, w
+        aspect, area = crops[:, 1] / crops[:, 0], crops.prod(1) / 1e6
+        assert 3 / 4 - 0.01 < aspect.min() < 0.77 and 1.3 < aspect.max() < 4 / 3 + 0.01
+        # (Near-whole crops of a square image fit only with an aspect ratio close to 1: max < 1.)
+        assert lo - 0.005 < area.min() < lo + 0.01 and hi - 0.05 < area.max() < hi + 0.005
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,6 +297,22 @@ def test_val_transform(photo_jpeg):
     assert [g.shape[0] for g in locations] == [3, 1, 1]
 
 
+@pytest.mark.parametrize("width,height", [(420, 300), (300, 420)])
+def test_eval_transform_resizes_the_shorter_side_then_centre_crops(width, height):
+    """Linear-probe validation and k-NN: shorter side to 256 with PIL's bilinear filter (torchvision's
+    default, which the original evaluation used), centre crop 224, mean (0.485, 0.456, 0.406), std
+    (0.229, 0.224, 0.225). Oracle: PIL and numpy with the box computed here by hand."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    # Shorter side 300 -> 256, longer 420 -> int(420·256/300) = 358; crop offsets (358-224)/2 = 67
+    # and (256-224)/2 = 16.
+    new_size, box = ((358, 256), (67, 16, 291, 240)) if width > height else ((256, 358), (16, 67, 240, 291))
+    expected = np.asarray(img.resize(new_size, Image.BILINEAR).crop(box), np.float32) / 255.0  # (224, 224, 3)
+    expected = (expected - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    out = tr.eval_transform()(img)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.from_numpy(expected.transpose(2, 0, 1)).float(), rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # Colour operations against torchvision / PIL
 # ------------------------------------------------------------------------------------------
@@ -296,12 +400,12 @@ def render_like_reference(img, params, transform):
             view = view.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
         if p.solarize:
             view = ImageOps.solarize(view, 128)
-        views.append(TF.normalize(TF.to_tensor(view), tr.IMAGENET_MEAN, tr.PRETRAIN_STD))
+        views.append(TF.normalize(TF.to_tensor(view), MEAN, PRETRAIN_STD))
     return views
 
 
 def grey_level_diffs(ours, theirs):
-    std = torch.tensor(tr.PRETRAIN_STD).view(3, 1, 1)
+    std = torch.tensor(PRETRAIN_STD).view(3, 1, 1)
     return [((a - b) * std * 255).abs() for a, b in zip(ours, theirs)]
 
 
@@ -343,13 +447,59 @@ def test_ks_2samp():
     assert ks_2samp(x, x) == (0.0, 1.0)
 
 
+class PublishedPipeline:
+    """The published multi-crop augmentation written here from torchvision and PIL with literal
+    numbers, crop by crop: the oracle of the distribution test (it shares no constant with
+    transforms.py). Called on an image: (views, grids) like MultiCropTrainDataTransform with
+    no_flip_grid=False (the grid of a flipped crop is mirrored with it)."""
+
+    def __init__(self, size_crops, num_crops, grid_sizes, min_scale_crops=(0.4, 0.08),
+                 max_scale_crops=(1.0, 0.4), no_flip_grid=False):
+        assert not no_flip_grid
+        self.view_groups = [(g, k) for g, n in enumerate(num_crops) for k in range(n)]
+        self.crops = [(size_crops[g], (min_scale_crops[g], max_scale_crops[g]), grid_sizes[g])
+                      for g, _ in self.view_groups]
+        self.colours = [self.colour_distortion(k) for _, k in self.view_groups]
+
+    @staticmethod
+    def colour_distortion(index_in_group):
+        even = index_in_group % 2 == 0
+
+        def blur(img):
+            sigma = 0.1 + (2.0 - 0.1) * torch.rand(1).item()
+            return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+        return T.Compose([
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([blur], p=1.0 if even else 0.1),
+            T.RandomApply([lambda img: ImageOps.solarize(img, 128)], p=0.0 if even else 0.2),
+            T.ToTensor(),
+            T.Normalize(MEAN, PRETRAIN_STD),
+        ])
+
+    def __call__(self, img):
+        img = img.convert("RGB")
+        views, grids = [], []
+        for (size, scale, n), colour in zip(self.crops, self.colours):
+            i, j, h, w = T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+            view = TF.resized_crop(img, i, j, h, w, [size, size], BICUBIC, antialias=True)
+            flip = bool(torch.rand(1) < 0.5)
+            views.append(colour(TF.hflip(view) if flip else view))
+            # Cell (k, l) of an n×n grid is centred at (i + (k + ½)·h/n, j + (l + ½)·w/n).
+            centres = torch.arange(n, dtype=torch.float64) + 0.5
+            rows, cols = i + centres * h / n, j + centres * w / n
+            grids.append(torch.stack(torch.meshgrid(rows, cols.flip(0) if flip else cols, indexing="ij"), -1))
+        return views, grids
+
+
 def view_statistics(transform, data, num_images):
     """Per view: (group, parity, scale, log aspect, flipped, mean, std, colourfulness, sharpness).
 
     Colourfulness (mean over pixels of the std across channels) is 0 for grayscale views and
     follows the saturation jitter; sharpness (mean absolute horizontal difference) drops with blur.
     """
-    std = torch.tensor(tr.PRETRAIN_STD).view(3, 1, 1)
+    std = torch.tensor(PRETRAIN_STD).view(3, 1, 1)
     rows = []
     for _ in range(num_images):
         views, locations = transform(open_jpeg(data))
@@ -392,13 +542,14 @@ def distribution_differences(reference, fast, alpha=1e-3):
 
 def test_fast_transform_has_the_reference_distribution(photo_jpeg):
     """Independent randomness: crop scales, aspect ratios, flip rate and per-view colour
-    statistics agree with the reference pipeline (two-sample KS tests, alpha 0.001 each).
+    statistics agree with the published pipeline written in this file with literal constants
+    (two-sample KS tests, alpha 0.001 each).
     With 200 images (400 large and 800 small views) they notice, for instance, the grayscale
     probability raised from 0.2 to 0.35, the odd crops' blur probability from 0.1 to 0.4, the
     brightness jitter from 0.4 to 0.6 or the large crops' minimum scale from 0.4 to 0.5
     (each checked when this test was written)."""
     torch.manual_seed(0)  # the reference draws from torch's global RNG
-    reference = view_statistics(tr.ReferenceMultiCropTransform(**DISTRIBUTION_CONFIG), photo_jpeg, 200)
+    reference = view_statistics(PublishedPipeline(**DISTRIBUTION_CONFIG), photo_jpeg, 200)
     fast = view_statistics(tr.MultiCropTrainDataTransform(
         **DISTRIBUTION_CONFIG, generator=torch.Generator().manual_seed(1)), photo_jpeg, 200)
     assert 0.4 < fast[:, 4].mean() < 0.6  # flips happen half of the time

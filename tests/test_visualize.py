@@ -304,16 +304,28 @@ def test_model_pth_reads_saved_args(tmp_path, capsys):
     assert vis.load_backbone(str(tmp_path / "small.pth")).small_input
 
 
-def test_hub_with_weights(tmp_path, capsys):
+def test_hub_with_weights(tmp_path):
+    """--hub NAME --weights FILE draws with that file's weights: two files give two pictures, and a
+    file gives the picture that --checkpoint draws from the same file."""
     torch.manual_seed(6)
     net, _ = models.build_backbone("resnet50")
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
-               tmp_path / "r50.pth")
-    run_main("features", "--hub", "resnet50_alpha0p9", "--weights", tmp_path / "r50.pth", "--builtin-index", 0,
-             "--builtin-size", 32, "--size", 64, "--panel", PANEL, "--out", tmp_path / "f.png")
-    with Image.open(tmp_path / "f.png") as im:
-        assert im.size == figure_wh(1, 2, PANEL, PANEL)
-        assert n_colours(panel(im.convert("RGB"), 0, 1)) >= 4  # 2x2 cells of distinct features
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save(sd, tmp_path / "a.pth")
+    torch.save(sd | {"conv1.weight": -sd["conv1.weight"]}, tmp_path / "b.pth")  # other weights, same shapes
+
+    def pca_panel(name, *source):
+        out = tmp_path / f"{name}.png"
+        run_main("features", *source, "--builtin-index", 0, "--builtin-size", 32, "--size", 64, "--panel", PANEL,
+                 "--out", out)
+        with Image.open(out) as im:
+            assert im.size == figure_wh(1, 2, PANEL, PANEL)
+            return panel(im.convert("RGB"), 0, 1)
+
+    a = pca_panel("hub_a", "--hub", "resnet50_alpha0p9", "--weights", tmp_path / "a.pth")
+    b = pca_panel("hub_b", "--hub", "resnet50_alpha0p9", "--weights", tmp_path / "b.pth")
+    assert n_colours(a) >= 4  # 2x2 cells of distinct features
+    assert not np.array_equal(a, b)
+    assert np.array_equal(a, pca_panel("checkpoint_a", "--checkpoint", tmp_path / "a.pth"))
 
 
 def test_hub_offline_is_a_user_error(monkeypatch, capsys, tmp_path):
@@ -368,5 +380,5 @@ def test_help_reads_well(capsys):
 
 def test_script_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "visualize.py", "features", "--checkpoint", str(tmp_path / "none.pth")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not found" in proc.stderr
