@@ -1,4 +1,4 @@
-"""Datasets and loaders (SPEC §4).
+"""Datasets and loaders.
 
 ``build_dataset(name, data_dir, split, transform, from_numpy=False, ...)`` picks one of:
 
@@ -10,18 +10,25 @@
   such sub-folder), recursively, without labels: label -1 and ``num_classes == 0``.
 * ``"builtin"``: ``BuiltinDataset``, procedural images with labels and segmentation masks, made
   on the fly from (seed, split, index); nothing to download or store. ``data_dir`` is ignored.
+* ``"cifar10"``, ``"cifar100"`` (fine labels), ``"stl10"``: the files torchvision downloads,
+  under ``<data_dir>/cifar-10-batches-py``, ``cifar-100-python`` or ``stl10_binary``; "train" is
+  the training set, "val" the test set; ``with_unlabeled`` adds STL-10's unlabelled images to its
+  training set (for pretraining). ``download=True`` fetches missing files.
 
 Every dataset returns ``(transform(image), label)`` and exposes ``num_classes``. Unreadable
-image files are skipped (the next readable sample takes their place) with a counted
-``UnreadableImageWarning``; a missing or empty data folder raises at construction.
+image files are skipped (the next readable sample takes their place), each reported on one line
+of stderr and counted over every loader worker (``skipped_images``); a missing or empty data
+folder raises at construction.
 
 ``build_loader`` wraps a dataset in a DataLoader with a DistributedSampler, splitting the
 global batch over the processes.
 """
 import itertools
+import multiprocessing
 import os
+import pickle
 import random
-import warnings
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -30,14 +37,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import utils
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # PIL raises these for truncated, corrupt or non-image files.
 _UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class UnreadableImageWarning(UserWarning):
-    """An image file could not be decoded and was skipped."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,8 +73,9 @@ class ImageFileDataset(Dataset):
     ``__getitem__`` returns ``(transform(image), label)``. A transform with the attribute
     ``accepts_lazy_images = True`` receives the image as opened (not yet decoded), so that it
     can choose a reduced JPEG decoding scale; any other transform (and ``transform=None``) gets
-    the decoded RGB image. A file that cannot be decoded is skipped with a counted warning and
-    the next readable sample is returned instead, so an epoch never stops on a bad file.
+    the decoded RGB image. A file that cannot be decoded is skipped (one line on stderr, counted in
+    ``num_unreadable`` over this process and all its loader workers) and the next readable sample
+    is returned instead, so an epoch never stops on a bad file.
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], num_classes: int,
@@ -78,8 +84,14 @@ class ImageFileDataset(Dataset):
         self.num_classes = num_classes
         self.transform = transform
         self.root = root
-        self.num_unreadable = 0  # counted in this process (each loader worker has its own)
-        self._unreadable = set()
+        # Shared memory: loader workers are other processes, and the count must reach the main one.
+        self._skipped = multiprocessing.Value("q", 0)
+        self._unreadable = set()  # known bad files of this process, skipped silently from then on
+
+    @property
+    def num_unreadable(self) -> int:
+        """Files skipped so far by this process and its loader workers."""
+        return self._skipped.value
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,10 +120,23 @@ class ImageFileDataset(Dataset):
 
     def _skip(self, index: int, err: Exception) -> None:
         self._unreadable.add(index)
-        self.num_unreadable += 1
-        warnings.warn(f"skipping unreadable image {self.samples[index][0]} "
-                      f"({type(err).__name__}: {err}); {self.num_unreadable} unreadable image(s) "
-                      f"skipped so far in this process", UnreadableImageWarning, stacklevel=2)
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"warning: skipping unreadable image {self.samples[index][0]} ({reason})", file=sys.stderr,
+              flush=True)
+
+
+def skipped_images(dataset) -> int:
+    """How many unreadable files ``dataset`` (or the dataset a loader or wrapper holds) skipped so far;
+    0 for datasets that do not read files."""
+    seen = set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        if isinstance(dataset, ImageFileDataset):
+            return dataset.num_unreadable
+        dataset = next((vars(dataset)[k] for k in ("dataset", "base") if k in vars(dataset)), None)
+    return 0
 
 
 class ImageFolderDataset(ImageFileDataset):
@@ -393,20 +418,256 @@ def synthetic_photo(width: int = 500, height: int = 375, seed: int = 0) -> Image
 
 
 # --------------------------------------------------------------------------------------------
+# CIFAR-10, CIFAR-100 and STL-10 in the layouts torchvision downloads
+# --------------------------------------------------------------------------------------------
+# Read by our own readers rather than torchvision's classes: those check the official md5 of
+# every file (small test files fail it, and hashing STL-10's 2.7 GB takes a minute per start),
+# read CIFAR's pickles with an unrestricted pickle.load, and load STL-10's unlabeled images
+# into memory. torchvision is used only to download (--download).
+
+def _numpy_array_globals() -> dict:
+    """The callables numpy's pickles of plain arrays name, under every module path numpy used."""
+    reconstruct = np.ndarray(0).__reduce__()[0]  # numpy's array rebuilder (protocols 0-4)
+    frombuffer = np.ndarray(0).__reduce_ex__(5)[0]  # what numpy writes with pickle protocol 5
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):  # numpy < 2 wrote numpy.core, numpy 2 numpy._core
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds numpy arrays, dicts, lists, strings and numbers, and nothing else.
+
+    CIFAR's python batches are pickles; an unrestricted ``pickle.load`` would run any callable a
+    tampered file names. Every global other than numpy's array rebuilders is refused before it
+    is called (``pickle.UnpicklingError`` naming it)."""
+
+    allowed = _numpy_array_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays, lists, "
+                                         f"strings and numbers are allowed") from None
+
+
+def load_array_pickle(path) -> dict:
+    """The dict pickled in ``path`` (CIFAR's Python-2 batches: str keys via latin-1), read with
+    ``ArrayUnpickler``. A refused, truncated or malformed file raises ValueError naming it."""
+    with open(path, "rb") as f:
+        try:
+            obj = ArrayUnpickler(f, encoding="latin1").load()  # latin-1: Python 2 str -> str
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"cannot read {path}: expected a pickled dict, found {type(obj).__name__}")
+    return obj
+
+
+def _field(batch: dict, key: str, path):
+    if key not in batch:
+        raise ValueError(f"{path} has no {key!r} entry (found {', '.join(map(str, batch))})")
+    return batch[key]
+
+
+def read_cifar_batch(path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
+    """One CIFAR batch file -> images (N, 32, 32, 3) uint8 and labels (N,) int64.
+
+    A row of ``data`` holds 3072 bytes: the red 32x32 plane, then green, then blue, row-major."""
+    batch = load_array_pickle(path)
+    data = np.asarray(_field(batch, "data", path))
+    labels = np.asarray(_field(batch, label_key, path), dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise ValueError(f"{path}: expected 'data' of shape (N, 3072) uint8 and N labels, found "
+                         f"{data.dtype} {data.shape} and {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+class ImageArrayDataset(Dataset):
+    """Labelled images held in arrays; ``__getitem__`` returns ``(transform(PIL RGB image), label)``.
+
+    Subclasses give ``image(index) -> (H, W, 3) uint8``. ``targets`` (N,) int64 holds every label
+    (-1: unlabelled), ``classes`` the class names; ``num_classes`` is 0 when some images are
+    unlabelled, so that nothing trains a classifier on them."""
+
+    def __init__(self, targets: np.ndarray, classes: Sequence[str], transform: Optional[Callable]):
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = list(classes)
+        self.num_classes = len(self.classes) if (self.targets >= 0).all() else 0
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self.targets):
+            raise IndexError(f"index {index} out of range for {len(self.targets)} images")
+        img = Image.fromarray(self.image(index))  # (H, W, 3) uint8 -> RGB
+        return (self.transform(img) if self.transform is not None else img), int(self.targets[index])
+
+
+class CIFARDataset(ImageArrayDataset):
+    """CIFAR-10 or CIFAR-100 (fine labels), every image in memory (50,000 images: 150 MB).
+
+    ``folder`` holds the python version's files; ``batches`` names those of the split."""
+
+    def __init__(self, folder, batches: Sequence[str], meta: str, label_key: str, names_key: str,
+                 transform: Optional[Callable] = None):
+        folder = Path(folder)
+        parts = [read_cifar_batch(folder / name, label_key) for name in batches]
+        classes = [str(c) for c in _field(load_array_pickle(folder / meta), names_key, folder / meta)]
+        self.images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))  # (N, 32, 32, 3)
+        super().__init__(np.concatenate([p[1] for p in parts]), classes, transform)
+        if len(self.targets) and not 0 <= self.targets.min() <= self.targets.max() < len(classes):
+            raise ValueError(f"labels of {folder} outside [0, {len(classes)})")
+
+    def image(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+
+STL10_SIDE = 96
+STL10_IMAGE_BYTES = 3 * STL10_SIDE * STL10_SIDE
+
+
+def read_stl10_labels(path, count: int, num_classes: int) -> np.ndarray:
+    """STL-10 labels file (one byte per image, 1..num_classes) -> (count,) int64 in [0, num_classes)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if len(raw) != count:
+        raise ValueError(f"{path} has {len(raw)} labels for {count} images")
+    if raw.min() < 1 or raw.max() > num_classes:
+        raise ValueError(f"{path} holds labels outside 1..{num_classes}")
+    return raw.astype(np.int64) - 1
+
+
+class STL10Dataset(ImageArrayDataset):
+    """STL-10 read from its binary files, images memory-mapped (unlabeled_X.bin is 2.7 GB).
+
+    ``parts`` is a list of (images file, labels file or None for unlabelled images), concatenated
+    in that order. An image file holds N x 3 x 96 x 96 bytes, each channel column-major; a labels
+    file N bytes in 1..10."""
+
+    def __init__(self, folder, parts: Sequence[Tuple[str, Optional[str]]], transform: Optional[Callable] = None):
+        folder = Path(folder)
+        classes = [line.strip() for line in (folder / "class_names.txt").read_text().splitlines() if line.strip()]
+        self.files, counts, targets = [], [], []
+        for images_name, labels_name in parts:
+            path = folder / images_name
+            n, rest = divmod(path.stat().st_size, STL10_IMAGE_BYTES)
+            if rest or not n:
+                raise ValueError(f"{path} is not a positive whole number of 3x96x96 images "
+                                 f"({path.stat().st_size} bytes)")
+            targets.append(np.full(n, -1, np.int64) if labels_name is None
+                           else read_stl10_labels(folder / labels_name, n, len(classes)))
+            self.files.append(str(path))
+            counts.append(n)
+        super().__init__(np.concatenate(targets), classes, transform)
+        self.starts = np.cumsum([0] + counts)  # part k holds indices starts[k] .. starts[k + 1] - 1
+        self._maps = None
+
+    def __getstate__(self):  # worker processes reopen the files instead of receiving their bytes
+        return {**self.__dict__, "_maps": None}
+
+    def image(self, index: int) -> np.ndarray:
+        if self._maps is None:
+            self._maps = [np.memmap(f, dtype=np.uint8, mode="r").reshape(-1, 3, STL10_SIDE, STL10_SIDE)
+                          for f in self.files]
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        stored = self._maps[part][index - self.starts[part]]  # (3, col, row): column-major planes
+        return np.ascontiguousarray(stored.transpose(2, 1, 0))  # (row, col, 3)
+
+
+# name -> (torchvision class that knows the archive, folder inside data_dir, files per split,
+# unlabelled extra files of the training split)
+_CIFAR10_TRAIN = tuple(f"data_batch_{k}" for k in range(1, 6))
+PUBLIC_DATASETS = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py",
+                {"train": _CIFAR10_TRAIN + ("batches.meta",), "val": ("test_batch", "batches.meta")}, ()),
+    "cifar100": ("CIFAR100", "cifar-100-python", {"train": ("train", "meta"), "val": ("test", "meta")}, ()),
+    "stl10": ("STL10", "stl10_binary", {"train": ("train_X.bin", "train_y.bin", "class_names.txt"),
+                                        "val": ("test_X.bin", "test_y.bin", "class_names.txt")},
+              ("unlabeled_X.bin",)),
+}
+
+
+def _dataset_folder(name: str, data_dir: Path) -> Path:
+    """Where ``name``'s files are: ``data_dir/<official folder>``, or data_dir itself when it is
+    that folder (``--data-dir .../cifar-10-batches-py``)."""
+    folder = PUBLIC_DATASETS[name][1]
+    return data_dir if data_dir.name == folder and not (data_dir / folder).is_dir() else data_dir / folder
+
+
+def _missing_files(name: str, data_dir: Path, files: Sequence[str]) -> List[str]:
+    folder = _dataset_folder(name, data_dir)
+    return [f for f in files if not (folder / f).is_file()]
+
+
+def download_public(name: str, data_dir: Path) -> None:
+    """Download and extract ``name``'s official archive into ``data_dir`` with torchvision (which
+    checks the archive's md5). Under a process group only rank 0 downloads; the others wait."""
+    from torchvision import datasets as tv  # only downloads need it
+    from torchvision.datasets.utils import download_and_extract_archive
+    source = getattr(tv, PUBLIC_DATASETS[name][0])
+    try:
+        if utils.is_main_process():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            download_and_extract_archive(source.url, str(data_dir), filename=source.filename, md5=source.tgz_md5)
+    except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), or a corrupt archive
+        raise FileNotFoundError(f"--download: fetching {source.url} failed ({e}); download it elsewhere "
+                                f"and extract it into {data_dir}") from None
+    finally:  # also when rank 0 fails: the others then report the missing files
+        utils.barrier()
+
+
+def build_public_dataset(name: str, data_dir, split: str, transform: Optional[Callable] = None,
+                         download: bool = False, with_unlabeled: bool = False) -> Dataset:
+    """CIFAR-10, CIFAR-100 (fine labels) or STL-10 from ``data_dir`` in the official layout.
+
+    split "train" is the training set, "val" the test set. ``with_unlabeled`` adds STL-10's
+    100,000 unlabelled images (label -1, ``num_classes`` 0) to its training set. Missing files
+    are downloaded with ``download``, else a FileNotFoundError lists them."""
+    data_dir = Path(data_dir)
+    files = PUBLIC_DATASETS[name][2][split]
+    if split == "train" and with_unlabeled:
+        files = files + PUBLIC_DATASETS[name][3]
+    if download and _missing_files(name, data_dir, files):
+        download_public(name, data_dir)
+    missing = _missing_files(name, data_dir, files)
+    if missing:
+        folder = _dataset_folder(name, data_dir)
+        raise FileNotFoundError(f"--dataset {name}: {', '.join(missing)} not found in {folder}; put the "
+                                f"official files there ({name}'s {split} split needs {', '.join(files)}) "
+                                f"or pass --download to fetch them")
+    folder = _dataset_folder(name, data_dir)
+    if name == "stl10":
+        parts = [(files[0], files[1])] + [(f, None) for f in files[3:]]
+        return STL10Dataset(folder, parts, transform)
+    label_key, names_key = ("labels", "label_names") if name == "cifar10" else ("fine_labels", "fine_label_names")
+    return CIFARDataset(folder, files[:-1], files[-1], label_key, names_key, transform)
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch and loader
 # --------------------------------------------------------------------------------------------
 
-DATASET_NAMES = ("imagenet1k", "imagefolder", "folder", "builtin")
+DATASET_NAMES = ("imagenet1k", "imagefolder", "folder", "builtin") + tuple(PUBLIC_DATASETS)
 
 
 def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable] = None,
                   from_numpy: bool = False, num_images: Optional[int] = None, image_size: int = 64,
-                  num_classes: int = 10, seed: int = 0, max_objects: int = 4) -> Dataset:
+                  num_classes: int = 10, seed: int = 0, max_objects: int = 4, download: bool = False,
+                  with_unlabeled: bool = False) -> Dataset:
     """The dataset ``name`` (see the module docstring) for ``split`` ("train" or "val").
 
     num_images, image_size, num_classes, seed and max_objects (1 makes single-object, easier
-    scenes) configure the builtin dataset and are ignored by the others. Errors for a missing or empty ``data_dir`` are raised here, before any model is
-    built. The dataset's ``num_classes`` gives the classifier's width (0: no labels).
+    scenes) configure the builtin dataset and are ignored by the others; download and
+    with_unlabeled apply to CIFAR-10/100 and STL-10 only. Errors for a missing or empty
+    ``data_dir`` are raised here, before any model is built. The dataset's ``num_classes`` gives
+    the classifier's width (0: no labels, or not every image labelled).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -419,6 +680,8 @@ def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable]
     if data_dir is None:
         raise ValueError(f"--dataset {name} needs --data-dir")
     data_dir = Path(data_dir)
+    if name in PUBLIC_DATASETS:
+        return build_public_dataset(name, data_dir, split, transform, download, with_unlabeled)
     if name in ("imagenet1k", "imagefolder"):
         if from_numpy:
             return NumpyListDataset(data_dir, split, transform)

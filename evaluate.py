@@ -1,4 +1,4 @@
-"""Evaluation of a pretrained backbone (SPEC §7): linear probe, fine-tuning, 1% / 10% subsets, k-NN.
+"""Evaluation of a pretrained backbone: linear probe, fine-tuning, 1% / 10% subsets, k-NN.
 
     python evaluate.py --data-dir /path/to/imagenet --pretrained backbone.pth --exp-dir exp/lincls \\
         --arch resnet50 --lr-head 0.02
@@ -26,8 +26,9 @@ from torch.utils.data import Dataset, Subset
 
 import datasets
 import models
+import training
 import utils
-from models.checkpoints import CheckpointError, load_backbone_weights, read_checkpoint
+from models.checkpoints import CheckpointError, load_backbone_weights
 from models.knn import knn_evaluate, topk_correct, unpadded_mask
 from transforms import eval_transform, linear_train_transform
 from utils import UserError
@@ -45,9 +46,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--data-dir", type=Path, default=None,
                    help="dataset root with train/ and val/ class folders (the ImageNet layout); "
                         "defaults to $IMAGENET_PATH")
-    g.add_argument("--dataset", default="imagenet1k", choices=["imagenet1k", "imagefolder", "builtin"],
+    g.add_argument("--dataset", default="imagenet1k",
+                   choices=["imagenet1k", "imagefolder", "builtin", "cifar10", "cifar100", "stl10"],
                    help="imagenet1k / imagefolder: <data-dir>/{train,val}/<class>/<image> (any labelled "
-                        "folder dataset); builtin: the procedural dataset (no download, --builtin-* options)")
+                        "folder dataset); builtin: the procedural dataset (no download, --builtin-* options); "
+                        "cifar10, cifar100, stl10: the official files under --data-dir (as torchvision downloads "
+                        "them), training set vs test set")
+    g.add_argument("--download", action="store_true",
+                   help="with --dataset cifar10/cifar100/stl10: download the official files into --data-dir "
+                        "when they are missing")
     g.add_argument("--dataset_from_numpy", action="store_true",
                    help="read {train,val}_images.npy (paths) and {train,val}_labels.npy under --data-dir")
     g.add_argument("--train-percent", type=int, default=100, choices=(100, 10, 1),
@@ -115,10 +122,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--exp-dir", type=Path, default=Path("./checkpoint/lincls/"),
                    help="folder for stats.txt and checkpoint.pth (resumed automatically)")
     g.add_argument("--print-freq", type=int, default=100, help="training steps between two log lines")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the numbers of stats.txt and the images per second to TensorBoard event "
+                        "files in <exp-dir>/tensorboard/ (needs pip install tensorboard)")
     g.add_argument("--stop-after-epochs", type=int, default=0,
                    help="end this process after this many epochs (checkpoint written; 0: run to "
                         "--epochs): rerun the same command to continue, e.g. to fit a job's time limit")
     g.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cuda' or 'cpu'")
+    utils.add_trust_argument(g)
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                    help="set by torch.distributed.launch; torchrun uses LOCAL_RANK instead")
     g.add_argument("--dist-url", default="env://", help="rendezvous URL of the process group")
@@ -129,7 +140,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every configuration error, found before any work starts, naming the flag."""
-    if args.data_dir is None and args.dataset != "builtin" and os.environ.get("IMAGENET_PATH"):
+    if args.data_dir is None and args.dataset in ("imagenet1k", "imagefolder") and os.environ.get("IMAGENET_PATH"):
         args.data_dir = Path(os.environ["IMAGENET_PATH"])
     try:
         family = models.backbone_family(args.arch)
@@ -152,6 +163,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--print-freq must be >= 1, --stop-after-epochs and --workers >= 0")
     if args.train_files is not None and not args.train_files.is_file():
         raise UserError(f"--train-files {args.train_files}: no such file")
+    if args.tensorboard:
+        utils.require_tensorboard()
 
 
 # ----------------------------------------------------------------------------- data
@@ -250,7 +263,8 @@ def select_files(dataset: Dataset, entries: Sequence[str], source: str) -> Subse
 def build_data(args, info: utils.DistInfo):
     """(train loader, val loader, k-NN train loader or None, number of classes)."""
     kw = dict(from_numpy=args.dataset_from_numpy, image_size=args.builtin_size,
-              num_classes=args.builtin_classes, seed=args.builtin_seed, max_objects=args.builtin_max_objects)
+              num_classes=args.builtin_classes, seed=args.builtin_seed, max_objects=args.builtin_max_objects,
+              download=args.download)
     val_tf = eval_transform(args.crop_size, args.resize_size)
     try:
         train_set = datasets.build_dataset(args.dataset, args.data_dir, "train", None,
@@ -323,16 +337,12 @@ class LinearClassifier(nn.Module):
         return self.head(pooled)  # (B, num_classes)
 
 
-def load_pretrained(backbone: nn.Module, source: str, arch: str, small_input: bool = False) -> None:
+def load_pretrained(backbone: nn.Module, source: str, arch: str, trusted: bool = False) -> None:
     """Strict loading (models/checkpoints.py); what does not fit is a UserError listing the keys."""
     try:
-        load_backbone_weights(backbone, source, arch, progress=utils.is_main_process())
+        load_backbone_weights(backbone, source, arch, progress=utils.is_main_process(), trusted=trusted)
     except CheckpointError as e:
-        hint = ""
-        if "conv1.weight" in str(e) and arch.startswith("resnet"):
-            hint = ("\n  (a ResNet pretrained with --small-input needs --small-input here, and one "
-                    "pretrained without it must not get it)")
-        raise UserError(f"{e}{hint}") from None
+        raise UserError(str(e)) from None
 
 
 def build_model(args, num_classes: int, device: torch.device) -> LinearClassifier:
@@ -341,7 +351,7 @@ def build_model(args, num_classes: int, device: torch.device) -> LinearClassifie
     backbone, width = models.build_backbone(args.arch, **kw)
     main_proc = utils.is_main_process()
     if args.pretrained:
-        load_pretrained(backbone, args.pretrained, args.arch, args.small_input)
+        load_pretrained(backbone, args.pretrained, args.arch, args.trust_checkpoint)
         if main_proc:
             n = len(backbone.state_dict())
             print(f"loaded backbone weights from {args.pretrained}: all {n} {args.arch} keys found, "
@@ -370,31 +380,15 @@ CHECKED_ARGS = ("arch", "weights", "small_input", "dataset", "epochs", "train_pe
 
 def load_resume_state(path: Path, args) -> Optional[dict]:
     """exp_dir/checkpoint.pth if present; a file from another configuration is a UserError."""
-    if not path.exists():
-        return None
-    try:
-        ckpt = read_checkpoint(str(path))
-    except CheckpointError as e:
-        raise UserError(f"{e}\nThe file was left untouched: move it away to start afresh.") from None
-    if not all(k in ckpt for k in ("epoch", "model", "optimizer", "scheduler")):
-        raise UserError(f"{path} is not an evaluate.py checkpoint; it was left untouched: use another --exp-dir")
-    saved = ckpt.get("args") or {}
-    differ = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in CHECKED_ARGS
-              if k in saved and saved[k] != getattr(args, k)]
-    if differ:
-        raise UserError(f"{path} was written by a run with {', '.join(differ)}; it was left untouched: use "
-                        f"another --exp-dir, or the same options to resume")
-    return ckpt
+    return training.load_resume_state(path, "evaluate.py", ("epoch", "model", "optimizer", "scheduler"), args,
+                                      CHECKED_ARGS, trusted=args.trust_checkpoint)
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, best: dict, knn: Optional[dict],
                     args) -> None:
-    if utils.is_main_process():
-        state = dict(epoch=epoch, best_acc=best, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), knn=knn,
-                     args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-        utils.save_atomic(state, str(path))
-    utils.barrier()
+    training.save_state(path, lambda: dict(
+        epoch=epoch, best_acc=best, model=model.state_dict(), optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), knn=knn, args=training.plain_args(args)), utils.is_main_process())
 
 
 # ----------------------------------------------------------------------------- logging
@@ -411,10 +405,11 @@ def train_one_epoch(model, ddp, loader, optimizer, epoch: int, args, info, logge
                     epochs_left: int) -> float:
     """One epoch of SGD; returns the mean training loss over all processes."""
     ddp.train()  # LinearClassifier.train keeps a frozen backbone in eval mode
-    # model randomness (drop path) as a function of (seed, epoch, rank): resumed runs replay it
-    torch.manual_seed((args.seed * 1_000_003 + epoch * 7_919 + info.rank) % 2 ** 63)
+    # model randomness (drop path) as a function of (seed, rank, epoch): resumed runs replay it
+    torch.manual_seed(training.step_seed(args.seed, info.rank, epoch))
     sums = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, samples
-    steps, t0 = len(loader), time.time()
+    steps = len(loader)
+    progress = training.Progress(logger, epochs_left * steps, args.batch_size)
     for step, (images, target) in enumerate(datasets.epoch_iterator(loader, epoch)):
         nb = info.device.type == "cuda"
         images, target = images.to(info.device, non_blocking=nb), target.to(info.device, non_blocking=nb)
@@ -427,12 +422,9 @@ def train_one_epoch(model, ddp, loader, optimizer, epoch: int, args, info, logge
         if step % args.print_freq == 0:
             logger.log(dict(epoch=epoch, step=step, lr_head=optimizer.param_groups[0]["lr"],
                             lr_backbone=optimizer.param_groups[1]["lr"] if len(optimizer.param_groups) > 1 else 0.0,
-                            loss=round(loss.item(), 6), time=int(time.time() - start)))
-        if logger.tty:
-            rate = (step + 1) * args.batch_size / (time.time() - t0)
-            left = ((steps - step - 1) + (epochs_left - 1) * steps) * args.batch_size / max(rate, 1e-9)
-            logger.progress(f"ep {epoch} step {step + 1}/{steps} | {rate:.1f} img/s | loss {loss.item():.4f} | "
-                            f"left {utils.hms(left)}")
+                            loss=round(loss.item(), 6), time=int(time.time() - start)),
+                       step=epoch * steps + step, extra=progress.scalars(step + 1))
+        progress.show(step + 1, f"ep {epoch} step {step + 1}/{steps}", loss.item)
     sums = _sum_over_processes(sums)
     return float(sums[0] / sums[1].clamp(min=1))
 
@@ -472,23 +464,19 @@ def run(args) -> None:
     # model and weights
     model = build_model(args, num_classes, info.device)
     optimizer, scheduler = build_optimizer(args, model)
-    logger = utils.JsonLogger(args.exp_dir, main_proc)
 
     # resume
     ckpt_path = args.exp_dir / "checkpoint.pth"
     ckpt = None if args.knn_only else load_resume_state(ckpt_path, args)
     start_epoch, best, knn = 0, dict(acc1=0.0, acc5=0.0), None
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"], strict=True)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{ckpt_path} does not fit this model: {str(e).splitlines()[0]}. "
-                            f"The file was left untouched.") from None
+        training.restore(ckpt_path, ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         start_epoch, best, knn = ckpt["epoch"], dict(ckpt["best_acc"]), ckpt.get("knn")
-        if main_proc:
-            print(f"resuming from {ckpt_path}: epoch {start_epoch}, best top-1 {best['acc1']:.2f}", flush=True)
+    # TensorBoard's global step: epoch * steps per epoch + step
+    logger = utils.JsonLogger(args.exp_dir, main_proc, args.tensorboard,
+                              purge_step=None if args.knn_only else start_epoch * len(train_loader))
+    if ckpt is not None and main_proc:
+        print(f"resuming from {ckpt_path}: epoch {start_epoch}, best top-1 {best['acc1']:.2f}", flush=True)
 
     # k-NN on the frozen features, before any training (a resumed run has it in its checkpoint)
     if knn_loader is not None and start_epoch == 0:
@@ -496,7 +484,7 @@ def run(args) -> None:
         knn = knn_evaluate(model.backbone, knn_loader, val_loader, info.device, args.knn_k, args.knn_temperature,
                            num_classes=num_classes)
         logger.log(dict(knn_k=args.knn_k, knn_temperature=args.knn_temperature, knn_top1=round(knn["top1"], 4),
-                        knn_top5=round(knn["top5"], 4), time=round(time.time() - t, 1)))
+                        knn_top5=round(knn["top5"], 4), time=round(time.time() - t, 1)), step=0, group="knn")
     knn_loader = None  # its persistent workers are not needed any more
     if args.knn_only:
         if main_proc:
@@ -513,13 +501,15 @@ def run(args) -> None:
     stop_at = args.epochs if not args.stop_after_epochs else min(args.epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, stop_at):
         lrs = [g["lr"] for g in optimizer.param_groups]
+        skipped_before = datasets.skipped_images(train_loader)
         loss = train_one_epoch(model, ddp, train_loader, optimizer, epoch, args, info, logger, start,
                                args.epochs - epoch)
         last = validate(model, val_loader, info.device)
         best = dict(acc1=max(best["acc1"], last["acc1"]), acc5=max(best["acc5"], last["acc5"]))
         logger.log(dict(epoch=epoch, loss=round(loss, 6), **last, best_acc1=best["acc1"], best_acc5=best["acc5"],
                         lr_head=lrs[0], lr_backbone=lrs[1] if len(lrs) > 1 else 0.0,
-                        time=int(time.time() - start)))
+                        time=int(time.time() - start), **training.skipped_in_epoch(train_loader, skipped_before)),
+                   step=(epoch + 1) * len(train_loader) - 1, group="epoch")  # at the epoch's last step
         scheduler.step()
         save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, best, knn, args)
 
@@ -542,13 +532,10 @@ def run(args) -> None:
               f"({args.weights}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, {utils.hms(time.time() - start)})", flush=True)
 
 
-@utils.exit_on_user_error
+@training.entry_point
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    try:
-        run(args)
-    finally:
-        utils.cleanup_distributed()
+    run(args)
 
 
 if __name__ == "__main__":

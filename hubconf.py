@@ -7,7 +7,8 @@ Each entry point ``<arch>_alpha<0p9|0p75>(pretrained=True, **kwargs)`` returns t
 weights downloaded once from https://dl.fbaipublicfiles.com/vicregl/ into torch.hub's cache and
 loaded strictly. Options (keyword-only): ``weights=`` a local path or URL to load instead,
 ``full_checkpoint=True`` for the whole pretraining model with its expanders, ``timm_model=True`` for
-the backbone as a timm model. The entry points are generated from the ``_PUBLISHED`` table and share
+the backbone as a timm model, ``trust_checkpoint=True`` to load a file that holds Python objects
+(refused by default: unpickling such a file can run code). The entry points are generated from the ``_PUBLISHED`` table and share
 one loader; checkpoint reading and conversion live in ``models/``.
 """
 from models import build_backbone as _build_backbone
@@ -46,6 +47,9 @@ _DOC = """VICRegL {arch} pretrained on {data} with alpha {alpha} (ImageNet linea
             For ConvNeXt, timm's head.norm normalises after pooling where VICRegL normalises every
             position before pooling: timm's pooled output is not VICRegL's ``pooled``.
         progress: show the download progress bar.
+        trust_checkpoint: also load files that hold Python objects besides tensors and plain data
+            (such a pickle can run code when loaded: only for files you trust). Without it they
+            raise models.checkpoints.UnsafeCheckpointError.
         **kwargs: backbone options (e.g. drop_path_rate, replace_stride_with_dilation); they must
             not change the parameter shapes, since the weights load strictly.
 
@@ -55,7 +59,7 @@ _DOC = """VICRegL {arch} pretrained on {data} with alpha {alpha} (ImageNet linea
 
 
 def _load(arch, alpha, pretrained=True, *, weights=None, full_checkpoint=False, timm_model=False,
-          progress=True, **kwargs):
+          progress=True, trust_checkpoint=False, **kwargs):
     """The one loader behind every entry point."""
     if weights is not None and not pretrained:
         raise ValueError("weights= loads those weights: drop pretrained=False")
@@ -66,10 +70,10 @@ def _load(arch, alpha, pretrained=True, *, weights=None, full_checkpoint=False, 
         if not pretrained:
             from models.vicregl import VICRegL, VICRegLConfig
             return VICRegL(VICRegLConfig(arch=arch, alpha=alpha, backbone_kwargs=kwargs))
-        return _load_pretraining_model(source, arch, alpha, progress=progress, **kwargs)
+        return _load_pretraining_model(source, arch, alpha, progress=progress, trusted=trust_checkpoint, **kwargs)
     backbone, _ = _build_backbone(arch, **({} if timm_model else kwargs))
     if pretrained:
-        _load_backbone_weights(backbone, source, arch, progress=progress)
+        _load_backbone_weights(backbone, source, arch, progress=progress, trusted=trust_checkpoint)
     if timm_model:
         from models.timm_convert import to_timm
         return to_timm(backbone, arch, **kwargs)

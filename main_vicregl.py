@@ -11,7 +11,6 @@ loadable with strict=True by hubconf.py and evaluate.py).
 import argparse
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,9 +22,9 @@ from torch import nn
 
 import datasets
 import models
+import training
 import transforms
 import utils
-from models.checkpoints import CheckpointError, read_checkpoint
 from models.knn import knn_evaluate
 from models.losses import check_num_matches
 from models.vicregl import VICRegL, VICRegLConfig, parse_mlp
@@ -42,17 +41,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="folder for stats.txt, model.pth (resumed automatically) and backbone.pth")
     g.add_argument("--log-tensors-interval", type=int, default=60,
                    help="seconds between two JSON log lines in stats.txt and on stdout")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the numbers of stats.txt, the images per second and the learning rate to "
+                        "TensorBoard event files in <exp-dir>/tensorboard/ (needs pip install tensorboard)")
     g.add_argument("--checkpoint-freq", type=int, default=1, help="save model.pth every this many epochs")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of every random choice (data order, crops, initialisation): a run and its "
                         "resumed continuation see the same random numbers")
     g.add_argument("--device", default="auto",
                    help="'auto' (cuda when available, else cpu), 'cuda' or 'cpu'")
+    utils.add_trust_argument(g)
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="imagenet1k", choices=["imagenet1k", "folder", "builtin"],
+    g.add_argument("--dataset", default="imagenet1k",
+                   choices=["imagenet1k", "folder", "builtin", "cifar10", "cifar100", "stl10"],
                    help="imagenet1k: train/ and val/ class folders under --data-dir; folder: a folder of "
-                        "images without labels; builtin: the procedural dataset (no download)")
+                        "images without labels; builtin: the procedural dataset (no download); cifar10, "
+                        "cifar100, stl10: the official files under --data-dir (as torchvision downloads them; "
+                        "stl10 pretrains on its 100,000 unlabelled images plus its training set, without the "
+                        "online probe)")
+    g.add_argument("--download", action="store_true",
+                   help="with --dataset cifar10/cifar100/stl10: download the official files into --data-dir "
+                        "when they are missing")
     g.add_argument("--data-dir", type=Path, default=None,
                    help="dataset root; defaults to $IMAGENET_PATH (or $IMAGENET_NUMPY_PATH with "
                         "--dataset_from_numpy), where the reference hard-coded its cluster paths")
@@ -158,7 +168,7 @@ def resolve_args(args: argparse.Namespace, job_id: Optional[str] = None) -> argp
         args.exp_dir = Path(str(args.exp_dir).replace("%j", str(job_id)))
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
-    if args.data_dir is None and args.dataset != "builtin":
+    if args.data_dir is None and args.dataset == "imagenet1k":
         env = "IMAGENET_NUMPY_PATH" if args.dataset_from_numpy else "IMAGENET_PATH"
         if os.environ.get(env):
             args.data_dir = Path(os.environ[env])
@@ -224,7 +234,8 @@ def build_data(args, info: utils.DistInfo, split: str):
                                          from_numpy=args.dataset_from_numpy,
                                          num_images=args.builtin_images if split == "train" else None,
                                          image_size=args.builtin_size,
-                                         max_objects=args.builtin_max_objects, seed=args.builtin_seed)
+                                         max_objects=args.builtin_max_objects, seed=args.builtin_seed,
+                                         download=args.download, with_unlabeled=True)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     return dataset, _loader(args, info, dataset, split)
@@ -246,10 +257,14 @@ def build_knn_data(args, info: utils.DistInfo):
     tf = transforms.eval_transform(crop, int(crop * 256 / 224))
     loaders = []
     for split in ("train", "val"):
-        dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf, from_numpy=args.dataset_from_numpy,
-                                         num_images=args.builtin_images if split == "train" else None,
-                                         image_size=args.builtin_size,
-                                         max_objects=args.builtin_max_objects, seed=args.builtin_seed)
+        try:
+            dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf,
+                                             from_numpy=args.dataset_from_numpy,
+                                             num_images=args.builtin_images if split == "train" else None,
+                                             image_size=args.builtin_size, max_objects=args.builtin_max_objects,
+                                             seed=args.builtin_seed, download=args.download)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
         if not getattr(dataset, "num_classes", 0):
             raise UserError("--knn needs labels: this dataset has no classes")
         loaders.append(_loader(args, info, dataset, "val", train=False))
@@ -295,35 +310,22 @@ def with_module_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k if k.startswith("module.") else f"module.{k}": v for k, v in sd.items()}
 
 
+# Options that must equal the saved ones to resume: they change the model, the loss or the optimiser.
+RESUME_CHECKED = ("arch", "small_input", "mlp", "maps_mlp", "alpha", "optimizer")
+
+
 def load_resume_state(path: Path, args) -> Optional[dict]:
-    """Read exp_dir/model.pth if present; any problem is a UserError that leaves the file untouched."""
-    if not path.exists():
-        return None
-    try:
-        ckpt = read_checkpoint(str(path))
-    except CheckpointError as e:
-        raise UserError(f"{e}\nThe file was left untouched: move it away to start afresh, or point "
-                        f"--exp-dir elsewhere.") from None
-    saved_arch = (ckpt.get("args") or {}).get("arch")
-    if saved_arch is not None and saved_arch != args.arch:
-        raise UserError(f"{path} was written by a --arch {saved_arch} run, not --arch {args.arch}; "
-                        f"it was left untouched: use another --exp-dir or the same --arch")
-    if "model" not in ckpt or "epoch" not in ckpt:
-        raise UserError(f"{path} is not a VICRegL training checkpoint (no 'model'/'epoch' entries); "
-                        f"it was left untouched")
-    return ckpt
+    """exp_dir/model.pth if present; any problem is a UserError that leaves the file untouched."""
+    return training.load_resume_state(path, "VICRegL training", ("epoch", "model", "optimizer"), args,
+                                      RESUME_CHECKED, trusted=args.trust_checkpoint)
 
 
 def restore(ckpt: dict, model: nn.Module, optimizer, scaler, path: Path) -> None:
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(sd, strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not fit this model (another --arch, --mlp, --maps-mlp, --alpha, "
-                        f"--optimizer or dataset?): {str(e).splitlines()[0]}. The file was left untouched.") from None
+    states = dict(ckpt, model={k[len("module."):] if k.startswith("module.") else k: v
+                               for k, v in ckpt["model"].items()})
+    training.restore(path, states, model=model, optimizer=optimizer)
     if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+        training.restore(path, states, scaler=scaler)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -331,7 +333,7 @@ def restore(ckpt: dict, model: nn.Module, optimizer, scaler, path: Path) -> None
 def format_stats(epoch: int, step: int, lr: float, elapsed: float, logs: Dict[str, torch.Tensor]) -> dict:
     """One stats.txt line: ep, st, lr, t (elapsed seconds, 9 digits), then the metrics rounded
     (top-k percentages to 4 decimals, the rest to 6)."""
-    stats = {"ep": epoch, "st": step, "lr": lr, "t": f"{int(elapsed):09d}"}
+    stats = {training.EPOCH: epoch, training.STEP: step, training.LR: lr, training.TIME: f"{int(elapsed):09d}"}
     for k, v in logs.items():
         v = float(v)
         stats[k] = round(v, 4) if k.startswith("top") else round(v, 6)
@@ -359,36 +361,31 @@ class StopSignal:
             return self.flag
         if step % 10:  # a collective every 10 steps: all processes stop at the same step
             return False
-        t = torch.tensor([float(self.flag)])
+        return self.agree(self.flag)
+
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` holds in any process, on the CPU group (every process calls it at the same
+        step). Decisions taken on each process's own clock, such as when to log, go through here:
+        logging runs collectives, which hang when only some processes enter them."""
+        if self.group is None:
+            return flag
+        t = torch.tensor([float(flag)])
         dist.all_reduce(t, group=self.group)
         return bool(t.item() > 0)
-
-
-class NonFiniteLoss(Exception):
-    pass
 
 
 def check_pending(pending, current):
     """Check the previous step's loss (already computed by now), keep the current one for later."""
     if pending is not None:
-        check_finite(*pending)
+        check_loss(*pending)
     return current
 
 
-def check_finite(step: int, loss: torch.Tensor, logs: Dict[str, torch.Tensor]) -> None:
-    if not torch.isfinite(loss):
-        bad = [k for k, v in logs.items() if not torch.isfinite(v)]
-        raise NonFiniteLoss(f"the loss became {float(loss)} at step {step} (non-finite terms: "
-                            f"{', '.join(bad) or 'none logged'}); stopping. The last good checkpoint "
-                            f"was kept. Try a lower --base-lr, or run without --fp16 to investigate")
+def check_loss(step: int, loss: torch.Tensor, logs: Dict[str, torch.Tensor]) -> None:
+    training.check_finite(loss, step, logs, hint="lower --base-lr, or run without --fp16 to investigate")
 
 
 # ----------------------------------------------------------------------------- loop
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A per-(process, step) seed: model randomness (drop path) replays exactly after a resume."""
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2 ** 63)
-
 
 def to_device(batch, device, channels_last: bool = False):
     (views, locations), labels = batch
@@ -405,6 +402,8 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
     main_proc = info.rank == 0
     check_args(args, info.world_size)
+    if args.tensorboard:
+        utils.require_tensorboard()  # a missing package fails now, not after building the data and model
     start = time.time()
 
     # data (before the model: a missing folder fails in a second, not after building a large net)
@@ -437,7 +436,9 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         model.backbone.forward = torch.compile(model.backbone.forward, dynamic=False)  # one graph per crop size
     if main_proc:
         args.exp_dir.mkdir(parents=True, exist_ok=True)
-    logger = utils.JsonLogger(args.exp_dir, main_proc)
+    first_step = start_epoch * len(train_loader) + start_step  # TensorBoard's global step is `st`
+    logger = utils.JsonLogger(args.exp_dir, main_proc, args.tensorboard,
+                              purge_step=None if args.evaluate_only else first_step)
     if main_proc and ckpt is not None:
         print(f"resuming from {ckpt_path}: epoch {start_epoch}, step {start_step} of that epoch", flush=True)
 
@@ -445,22 +446,25 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         if ckpt is None:
             raise UserError(f"--evaluate-only needs a trained model: {ckpt_path} does not exist")
         if val_loader is not None:
-            logger.log({"ep": start_epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
+            logger.log({training.EPOCH: start_epoch, **validate(model, val_loader, info.device, autocast)},
+                       training.VAL_PREFIX, step=max(first_step - 1, 0))
         if knn_loaders is not None:
-            logger.log({"ep": start_epoch, **knn(args, model, knn_loaders, info.device)}, "Val: ")
+            logger.log({training.EPOCH: start_epoch, **knn(args, model, knn_loaders, info.device)},
+                       training.VAL_PREFIX, step=max(first_step - 1, 0))
         return None
 
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * len(train_set) // args.batch_size
     warmup_steps = args.warmup_epochs * len(train_set) // args.batch_size
     stop = StopSignal(stop_signals)
-    last_log, last_progress, pending = time.time(), 0.0, None
-    images_per_step = args.batch_size
+    last_log, pending = time.time(), None
+    progress = training.Progress(logger, args.epochs * steps_per_epoch, args.batch_size,
+                                 first_step=start_epoch * steps_per_epoch + start_step)
+    skipped_before = 0
     for epoch in range(start_epoch, args.epochs):
         ddp.train()
         skip = start_step if epoch == start_epoch else 0
         loader_iter = datasets.epoch_iterator(train_loader, epoch, skip)
-        t_epoch, done = time.time(), 0
         for i, batch in enumerate(loader_iter, start=skip):
             step = epoch * steps_per_epoch + i
             lr = utils.learning_schedule(step, args.batch_size, args.base_lr, args.end_lr_ratio,
@@ -469,12 +473,12 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
                 group["lr"] = lr
             views, locations, labels = to_device(batch, info.device, args.channels_last)
             last_step = i == steps_per_epoch - 1
-            log_now = last_step or time.time() - last_log >= args.log_tensors_interval
-            torch.manual_seed(step_seed(args.seed, info.rank, step))
+            log_now = last_step or stop.agree(time.time() - last_log >= args.log_tensors_interval)
+            torch.manual_seed(training.step_seed(args.seed, info.rank, step))
             with autocast():
                 loss, logs = ddp(views, locations, labels if num_classes else None, metrics=log_now)
             if info.device.type == "cpu":
-                check_finite(step, loss.detach(), logs)  # free on CPU: before the update
+                check_loss(step, loss.detach(), logs)  # free on CPU: before the update
             else:  # on GPUs, the previous step's loss: no host synchronisation in this step
                 pending = check_pending(pending, (step, loss.detach(), logs))
             optimizer.zero_grad(set_to_none=True)
@@ -485,18 +489,15 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
             else:
                 loss.backward()
                 optimizer.step()
-            done += 1
             if log_now:
                 logs = {k: utils.all_reduce_mean(v) for k, v in logs.items()}
-                logger.log(format_stats(epoch, step, lr, time.time() - start, logs))
+                stats = format_stats(epoch, step, lr, time.time() - start, logs)
+                if last_step:
+                    stats.update(training.skipped_in_epoch(train_loader, skipped_before))
+                    skipped_before = datasets.skipped_images(train_loader)
+                logger.log(stats, step=step, extra=progress.scalars(step + 1))
                 last_log = time.time()
-            if logger.tty and time.time() - last_progress >= 1.0:  # reads the loss: at most once a second
-                last_progress = time.time()
-                rate = done * images_per_step / (time.time() - t_epoch)
-                left = (steps_per_epoch - i - 1 + (args.epochs - epoch - 1) * steps_per_epoch) \
-                    * images_per_step / max(rate, 1e-9)
-                logger.progress(f"ep {epoch} step {i + 1}/{steps_per_epoch} | {rate:.1f} img/s | "
-                                f"loss {float(loss):.4f} | left {utils.hms(left)}")
+            progress.show(step + 1, f"ep {epoch} step {i + 1}/{steps_per_epoch}", lambda: float(loss))
             if stop.requested(step, info.device):
                 check_pending(pending, None)
                 save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc)
@@ -509,11 +510,13 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         if next_epoch % args.checkpoint_freq == 0 or next_epoch == args.epochs:
             save_checkpoint(ckpt_path, model, optimizer, scaler, args, next_epoch, 0, main_proc)
         if val_loader is not None and args.evaluate and next_epoch % args.eval_freq == 0:
-            logger.log({"ep": epoch, **validate(model, val_loader, info.device, autocast)}, "Val: ")
+            logger.log({training.EPOCH: epoch, **validate(model, val_loader, info.device, autocast)},
+                       training.VAL_PREFIX, step=next_epoch * steps_per_epoch - 1)  # the epoch's last step
         if knn_loaders is not None and (next_epoch % args.eval_freq == 0 or next_epoch == args.epochs):
-            logger.log({"ep": epoch, **knn(args, model, knn_loaders, info.device)}, "Val: ")
+            logger.log({training.EPOCH: epoch, **knn(args, model, knn_loaders, info.device)}, training.VAL_PREFIX,
+                       step=next_epoch * steps_per_epoch - 1)
+    training.save_state(args.exp_dir / "backbone.pth", model.backbone.state_dict, main_proc)
     if main_proc:
-        utils.save_atomic(model.backbone.state_dict(), str(args.exp_dir / "backbone.pth"))
         if logger.tty:
             print()
         print(f"done: {args.exp_dir / 'backbone.pth'} ({utils.hms(time.time() - start)})", flush=True)
@@ -523,12 +526,10 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,
                     main_proc: bool) -> None:
     """model.pth: reference keys (epoch, model with module., optimizer) plus scaler, step, args."""
-    if main_proc:
-        state = dict(epoch=epoch, step_in_epoch=step_in_epoch, model=with_module_prefix(model.state_dict()),
-                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                     args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-        utils.save_atomic(state, str(path))
-    utils.barrier()
+    training.save_state(path, lambda: dict(
+        epoch=epoch, step_in_epoch=step_in_epoch, model=with_module_prefix(model.state_dict()),
+        optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
+        args=training.plain_args(args)), main_proc)
 
 
 def knn(args, model: VICRegL, loaders, device) -> Dict[str, float]:
@@ -559,16 +560,10 @@ def validate(model: VICRegL, loader, device, autocast) -> Dict[str, float]:
             "top5_val": round(float(sums[2]) / n, 4)}
 
 
-@utils.exit_on_user_error
+@training.entry_point
 def main(args: argparse.Namespace) -> None:
     resolve_args(args, os.environ.get("SLURM_JOB_ID"))
-    try:
-        train(args)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        utils.cleanup_distributed()
+    train(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Multi-crop views that remember where they came from (SPEC §4).
+"""Multi-crop views that remember where they came from.
 
 A VICRegL training sample is a list of V crops of one image together with, for every crop, an
 N×N grid of the centres of its feature-map cells in the original image's pixel coordinates; the
@@ -39,7 +39,7 @@ EVAL_STD = (0.229, 0.224, 0.225)
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
-# Colour distortion strengths and probabilities (SPEC §4 step 3).
+# Colour distortion strengths and probabilities, as the published models were trained with.
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
@@ -448,7 +448,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class MultiCropTrainDataTransform(_MultiCropConfig):
-    """Training views of one image: ``(views, locations)`` (SPEC §4).
+    """Training views of one image: ``(views, locations)``.
 
     Called on a PIL image, returns V = sum(num_crops) float32 views (3, s_g, s_g), normalised with
     mean ``IMAGENET_MEAN`` and std ``PRETRAIN_STD``, and their V location grids (N_g, N_g, 2)
@@ -553,7 +553,7 @@ def _resize_pil_crop(img: Image.Image, crop: Crop, size: int, scale: int) -> tor
 
 
 class MultiCropValDataTransform:
-    """Validation sample of one image: ``(val_view, (views, locations))`` (SPEC §4).
+    """Validation sample of one image: ``(val_view, (views, locations))``.
 
     val_view (3, size, size) float32: shorter side resized to int(size·256/224) (bicubic), centre
     crop of side size = size_crops[0], normalised like the training views (std 0.228). The

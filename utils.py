@@ -177,6 +177,24 @@ def gather_nograd(x: Tensor) -> Tensor:
     return torch.cat(pieces, 0)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true in any process (a collective: every process must call it). The
+    identity in one process."""
+    if not is_dist() or get_world_size() == 1:
+        return flag
+    return sum_over_processes(int(bool(flag))) > 0
+
+
+def sum_over_processes(n: int) -> int:
+    """The sum of an integer over processes (a collective); ``n`` itself in one process."""
+    if not is_dist() or get_world_size() == 1:
+        return n
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 @torch.no_grad()
 def all_reduce_mean(x: Tensor) -> Tensor:
     """Mean of ``x`` over processes (for logging); the identity in one process."""
@@ -292,27 +310,75 @@ def param_groups_weight_decay(named_params: Iterable, weight_decay: float) -> Li
 
 # ----------------------------------------------------------------------------- logging
 
+STATS_FILE = "stats.txt"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def require_tensorboard():
+    """torch's SummaryWriter class; a UserError saying what to install when the tensorboard package
+    is missing (call it before any work starts, in every process)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
 class JsonLogger:
     """Rank 0's log: the command line, then one JSON object per line in ``exp_dir/stats.txt`` and on
-    stdout; on a terminal also a progress line that each new line clears. Other ranks stay silent."""
+    stdout; on a terminal also a progress line that each new line clears. Other ranks stay silent.
 
-    def __init__(self, exp_dir, enabled: bool):
-        self.enabled, self.path = enabled, os.path.join(exp_dir, "stats.txt")
+    With ``tensorboard``, rank 0 also writes the numbers of every line given a step to event files in
+    ``exp_dir/tensorboard/``. ``purge_step`` is the first global step this run can log: events that
+    an interrupted run wrote at or past it are discarded, so that a resumed curve does not fold back
+    (None keeps every earlier event, for runs that only evaluate)."""
+
+    def __init__(self, exp_dir, enabled: bool, tensorboard: bool = False, purge_step: Optional[int] = None):
+        self.enabled, self.path = enabled, os.path.join(exp_dir, STATS_FILE)
         self.tty = enabled and sys.stdout.isatty()
+        self.board = None
         if enabled:
-            os.makedirs(exp_dir, exist_ok=True)
-            with open(self.path, "a") as f:
-                print(" ".join(sys.argv), file=f)
+            try:
+                os.makedirs(exp_dir, exist_ok=True)
+            except OSError as e:
+                raise UserError(write_error_message(str(exp_dir), e)) from None
+            self._append(" ".join(sys.argv))
+            if tensorboard:
+                folder = os.path.join(exp_dir, TENSORBOARD_DIR)
+                try:
+                    self.board = require_tensorboard()(folder, purge_step=purge_step)
+                except OSError as e:
+                    raise UserError(write_error_message(folder, e)) from None
 
-    def log(self, stats: dict, prefix: str = "") -> None:
+    def log(self, stats: dict, prefix: str = "", step: Optional[int] = None, group: Optional[str] = None,
+            extra: Optional[dict] = None) -> None:
+        """Write ``prefix + json(stats)`` to stats.txt and stdout. With TensorBoard and a ``step``, also
+        every number of ``stats`` and of ``extra`` (values for TensorBoard only, such as images/s) as
+        ``<group>/<key>`` at ``step``; the group defaults to 'val' for prefixed (validation) lines and
+        'train' for the others."""
         if not self.enabled:
             return
         line = prefix + json.dumps(stats)
         if self.tty:
             sys.stdout.write("\r\033[K")
         print(line, flush=True)
-        with open(self.path, "a") as f:
-            print(line, file=f)
+        self._append(line)
+        if self.board is not None and step is not None:
+            self._board_scalars({**stats, **(extra or {})}, step, group or ("val" if prefix else "train"))
+
+    def _board_scalars(self, values: dict, step: int, group: str) -> None:
+        for key, value in values.items():
+            # bools are flags, and strings (the zero-padded "t") are not measurements
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.board.add_scalar(f"{group}/{key}", value, step)
+        self.board.flush()  # a killed or preempted run keeps every line it logged
+
+    def _append(self, line: str) -> None:
+        try:
+            with open(self.path, "a") as f:
+                print(line, file=f)
+        except OSError as e:
+            raise UserError(write_error_message(self.path, e)) from None
 
     def progress(self, text: str) -> None:
         if self.tty:
@@ -330,19 +396,44 @@ def hms(seconds: float) -> str:
 
 def save_atomic(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a crash
-    while writing never leaves a truncated file in place of the last good one."""
+    while writing never leaves a truncated file in place of the last good one. A failed write (full
+    disk, read-only or vanished folder) raises UserError naming the path and the cause; the previous
+    file is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(write_error_message(path, e, previous_kept=True)) from None
     finally:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:  # renamed already, or never created
+            pass
+
+
+def write_error_message(path: str, error: OSError, previous_kept: bool = False) -> str:
+    """One line: what could not be written, why, and how to go on."""
+    cause = error.strerror or str(error)
+    kept = f"; the previous {os.path.basename(path)} (if any) is intact" if previous_kept else ""
+    return (f"cannot write {path}: {cause}{kept}. Make room or fix the folder, then run the same command "
+            f"again to continue from the last checkpoint")
+
+
+# The opt-in for checkpoints that hold Python objects (pickles that can run code), the same in every script.
+TRUST_FLAG = "--trust-checkpoint"
+
+
+def add_trust_argument(parser) -> None:
+    """Add ``--trust-checkpoint`` to an argparse parser or group (``args.trust_checkpoint``)."""
+    parser.add_argument(TRUST_FLAG, action="store_true",
+                        help="load checkpoints that hold Python objects besides tensors and plain data. Such "
+                             "a file can run code when loaded: use this only for files you trust")
 
 
 class UserError(Exception):

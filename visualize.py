@@ -34,11 +34,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 import models
-from models.checkpoints import CheckpointError, guess_arch, load_backbone_weights, read_checkpoint, \
-    extract_backbone_state_dict
+from models.checkpoints import CheckpointError, load_backbone as load_checkpoint_backbone
 from models.losses import nearest
 from transforms import EVAL_STD, IMAGENET_MEAN, location_grid, sample_crop
-from utils import UserError, exit_on_user_error, resolve_device
+from utils import UserError, add_trust_argument, exit_on_user_error, resolve_device
 
 __all__ = ["LoadedBackbone", "load_backbone", "load_images", "preprocess", "dense_features", "pca_rgb",
            "render_features", "matched_pairs", "CropMatches", "compute_matches", "render_matches",
@@ -133,49 +132,6 @@ class LoadedBackbone:
     source: str  # a short description for titles: "random", a path, a hub entry point
 
 
-def _shapes(module: nn.Module) -> Dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def _fits(sd: Dict[str, Tensor], arch: str, small_input: bool) -> bool:
-    with torch.device("meta"):
-        net, _ = models.build_backbone(arch, **_backbone_kwargs(small_input))
-    return _shapes(net) == {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def _backbone_kwargs(small_input: bool) -> dict:
-    return {"small_input": True} if small_input else {}  # ConvNeXt factories do not take the flag
-
-
-def _resolve_arch(sd: Dict[str, Tensor], arch: Optional[str], small_input: Optional[bool],
-                  ckpt_args: dict) -> Tuple[str, bool]:
-    """The architecture and stem of a checkpoint: the flags first, then model.pth's saved arguments,
-    then the shapes of the weights (``guess_arch``, and ResNets with the small-input stem)."""
-    arch = arch or ckpt_args.get("arch")
-    if small_input is None and ckpt_args.get("arch") == arch and "small_input" in ckpt_args:
-        small_input = bool(ckpt_args["small_input"])
-    if arch is None:
-        arch, guessed_small = _guess(sd)
-        if arch is None:
-            raise UserError("cannot recognise the architecture from the checkpoint's weights: pass --arch "
-                            f"(one of: {', '.join(models.available_archs())})")
-        small_input = guessed_small if small_input is None else small_input
-    _check_arch(arch, small_input)
-    if small_input is None:  # a ResNet's stem is visible in conv1's shape
-        small_input = models.backbone_family(arch) == "resnet" and _fits(sd, arch, True)
-    return arch, bool(small_input)
-
-
-def _guess(sd: Dict[str, Tensor]) -> Tuple[Optional[str], bool]:
-    """(arch, small_input) whose parameter shapes equal the weights', or (None, False)."""
-    arch = guess_arch(sd)
-    if arch is not None:
-        return arch, False
-    arch = next((a for a in models.available_archs()
-                 if models.backbone_family(a) == "resnet" and _fits(sd, a, True)), None)
-    return arch, arch is not None
-
-
 def _check_arch(arch: str, small_input: Optional[bool]) -> None:
     try:
         family = models.backbone_family(arch)
@@ -185,30 +141,7 @@ def _check_arch(arch: str, small_input: Optional[bool]) -> None:
         raise UserError("--small-input applies to ResNet backbones only")
 
 
-def _load_checkpoint(path: str, arch: Optional[str], small_input: Optional[bool]) -> LoadedBackbone:
-    try:
-        obj = read_checkpoint(path)
-        sd = extract_backbone_state_dict(obj)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
-    ckpt_args = obj.get("args") if isinstance(obj.get("args"), dict) else {}
-    arch, small_input = _resolve_arch(sd, arch, small_input, ckpt_args)
-    backbone, _ = models.build_backbone(arch, **_backbone_kwargs(small_input))
-    try:
-        load_backbone_weights(backbone, sd, arch)
-    except CheckpointError as e:
-        guess, guessed_small = _guess(sd)
-        hint = ""
-        if guess is not None and (guess, guessed_small) != (arch, small_input):
-            hint = f"\n  the file fits --arch {guess}{' --small-input' if guessed_small else ''}"
-        elif "conv1.weight" in str(e):
-            hint = ("\n  (a ResNet pretrained with --small-input needs --small-input, and one pretrained "
-                    "without it must not get it)")
-        raise UserError(str(e).replace("checkpoint (in memory)", f"checkpoint {path}") + hint) from None
-    return LoadedBackbone(backbone.eval(), arch, small_input, str(path))
-
-
-def _load_hub(name: str, weights: Optional[str], random_init: bool) -> LoadedBackbone:
+def _load_hub(name: str, weights: Optional[str], random_init: bool, trusted: bool) -> LoadedBackbone:
     import hubconf
     if name not in hubconf.__all__:
         raise UserError(f"unknown --hub entry point {name!r}; choose one of: {', '.join(hubconf.__all__)}")
@@ -217,9 +150,9 @@ def _load_hub(name: str, weights: Optional[str], random_init: bool) -> LoadedBac
         if random_init:
             backbone = getattr(hubconf, name)(pretrained=False)
         elif weights is not None:
-            backbone = getattr(hubconf, name)(weights=weights)
+            backbone = getattr(hubconf, name)(weights=weights, trust_checkpoint=trusted)
         else:
-            backbone = getattr(hubconf, name)(pretrained=True)
+            backbone = getattr(hubconf, name)(pretrained=True, trust_checkpoint=trusted)
     except CheckpointError as e:
         hint = "" if weights else "\n  (offline? download the file elsewhere and pass it with --weights)"
         raise UserError(f"{e}{hint}") from None
@@ -229,14 +162,14 @@ def _load_hub(name: str, weights: Optional[str], random_init: bool) -> LoadedBac
 
 def load_backbone(checkpoint: Optional[str] = None, *, hub: Optional[str] = None, weights: Optional[str] = None,
                   random_init: bool = False, arch: Optional[str] = None, small_input: Optional[bool] = None,
-                  seed: int = 0) -> LoadedBackbone:
+                  seed: int = 0, trusted: bool = False) -> LoadedBackbone:
     """A backbone in eval mode from exactly one source.
 
     checkpoint: backbone.pth / model.pth / a published file or URL; ``arch`` and ``small_input``
     default to model.pth's saved arguments, else to what the weights' shapes tell.
     hub: a ``hubconf`` entry point name, with ``weights`` (a local file) instead of the download,
     or ``random_init``. random_init alone: ``build_backbone(arch)`` seeded with ``seed``.
-    Mistakes raise UserError.
+    ``trusted``: unpickle files that hold Python objects (--trust-checkpoint). Mistakes raise UserError.
     """
     if sum([checkpoint is not None, hub is not None, random_init and hub is None]) != 1:
         raise UserError("choose one backbone source: --checkpoint PATH, --hub NAME or --random --arch NAME")
@@ -244,17 +177,23 @@ def load_backbone(checkpoint: Optional[str] = None, *, hub: Optional[str] = None
         raise UserError("--weights goes with --hub (use --checkpoint PATH for a file on its own)")
     torch.manual_seed(seed)
     if checkpoint is not None:
-        return _load_checkpoint(checkpoint, arch, small_input)
+        if arch is not None:
+            _check_arch(arch, small_input)
+        try:
+            backbone, arch, small_input = load_checkpoint_backbone(checkpoint, arch, small_input, trusted=trusted)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        return LoadedBackbone(backbone.eval(), arch, small_input, str(checkpoint))
     if hub is not None:
         if arch is not None or small_input:
             raise UserError("--hub implies the architecture: drop --arch / --small-input")
         if weights is not None and random_init:
             raise UserError("--weights and --random contradict each other")
-        return _load_hub(hub, weights, random_init)
+        return _load_hub(hub, weights, random_init, trusted)
     if arch is None:
         raise UserError("--random needs --arch")
     _check_arch(arch, small_input)
-    backbone, _ = models.build_backbone(arch, **_backbone_kwargs(bool(small_input)))
+    backbone, _ = models.build_backbone(arch, **({"small_input": True} if small_input else {}))
     return LoadedBackbone(backbone.eval(), arch, bool(small_input), "random init")
 
 
@@ -871,6 +810,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                         "with --small-input on 32-64 px images (default with --checkpoint: read from the file)")
     g.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="seed of --random weights and of the crops of 'matches'")
+    add_trust_argument(g)
 
 
 def _add_image_args(p: argparse.ArgumentParser, default_indices: Sequence[int]) -> None:
@@ -987,7 +927,8 @@ def _default_out(args, name: str) -> Path:
 
 def _loaded_from_args(args) -> LoadedBackbone:
     loaded = load_backbone(args.checkpoint, hub=args.hub, weights=args.weights, random_init=args.random,
-                           arch=args.arch, small_input=args.small_input, seed=args.seed)
+                           arch=args.arch, small_input=args.small_input, seed=args.seed,
+                           trusted=args.trust_checkpoint)
     try:
         device = resolve_device(args.device)
     except ValueError as e:

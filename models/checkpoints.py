@@ -6,52 +6,180 @@ Accepted forms (``extract_backbone_state_dict``):
 - a pretraining checkpoint: ``{"model": {"module.backbone.<key>": ...}, ...}`` (our ``model.pth``,
   the reference's, and the published ``_fullckpt.pth`` files), with or without ``module.``;
 - a state dict wrapped under ``state_dict`` or ``model``.
-Shared by ``evaluate.py``, ``hubconf.py`` and ``segmentation/``.
+Shared by every script that reads weights (``main_vicregl.py``, ``evaluate.py``, ``hubconf.py``,
+``segmentation/``, ``visualize.py``, ``export.py``).
+
+Safety: files are unpickled with ``weights_only=True``, so a shared file cannot run code: only
+tensors, numbers, strings, lists, tuples and dicts come out. The one exception to plain data that
+published files need is allowed by name (``ALLOWED_GLOBALS``) and replaced by an inert string.
+Anything else is refused with ``UnsafeCheckpointError``, unless the caller opts in with
+``trusted=True`` (the scripts' ``--trust-checkpoint``, the hub's ``trust_checkpoint=True``).
 
 Also here: the published files' URLs (``published_url``) and the whole pretraining model from a
 full checkpoint, expanders and online classifier included (``load_pretraining_model``).
 """
 import functools
 import os
+import pickle
+import pickletools
+import sys
+import warnings
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "read_checkpoint", "extract_backbone_state_dict", "load_backbone_weights",
-           "guess_arch", "misfit", "PUBLISHED_URL", "published_url", "pretraining_state_dict",
-           "pretraining_config_from_state_dict", "load_pretraining_model"]
+from utils import TRUST_FLAG
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "TRUST_FLAG", "read_checkpoint",
+           "extract_backbone_state_dict", "load_backbone_weights", "load_backbone", "guess_arch", "guess_backbone", "misfit",
+           "PUBLISHED_URL", "published_url", "pretraining_state_dict", "pretraining_config_from_state_dict",
+           "load_pretraining_model"]
 
 # Where the authors published the weights: <arch>_alpha<0.9|0.75>.pth (backbone, plain keys) and
 # <arch>_alpha<...>_fullckpt.pth (the pretraining checkpoint, keys under "model" with "module.").
 PUBLISHED_URL = "https://dl.fbaipublicfiles.com/vicregl/{arch}_alpha{alpha}{suffix}.pth"
+
+# Globals that published checkpoints name although they hold no code we need. The original LARS kept
+# its two parameter filters (both this function of the original's optimizers.py) in every param group,
+# so the published ResNet-50 _fullckpt.pth files refer to it in their optimizer state. It is unpickled
+# as an inert placeholder and then replaced by its name: nothing of it is ever run or returned.
+ALLOWED_GLOBALS = ("optimizers.exclude_bias_and_norm",)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, or for another architecture."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that holds Python objects (which could run code when unpickled): refused unless
+    the caller trusts the file."""
+
+
+class _Placeholder:
+    """What an allowed global becomes while unpickling: calling it does nothing but refuse."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise CheckpointError(f"the checkpoint tried to call {self.name}, which is only allowed as a name")
+
+
+_PLACEHOLDERS = {name: _Placeholder(name) for name in ALLOWED_GLOBALS}
+
+
+def _scrub(obj):
+    """``obj`` with every placeholder replaced by its name (in place), so callers see plain data only."""
+    if isinstance(obj, _Placeholder):
+        return obj.name
+    if isinstance(obj, (dict, list)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            clean = _scrub(v)
+            if clean is not v:
+                obj[k] = clean
+        return obj
+    if isinstance(obj, tuple):
+        clean = tuple(_scrub(v) for v in obj)
+        return obj if all(a is b for a, b in zip(clean, obj)) else clean
+    return obj
+
+
 def read_checkpoint(source: Union[str, os.PathLike, Mapping], map_location="cpu", progress: bool = True,
-                    check_hash: bool = False) -> Mapping:
-    """Load a checkpoint from a path, an http(s):// or file:// URL (through torch.hub's cache and
-    progress bar), or return an already loaded mapping. Unreadable files raise CheckpointError."""
+                    check_hash: bool = False, trusted: bool = False) -> Mapping:
+    """Load a checkpoint from a path, an http(s):// or file:// URL (downloaded once into torch.hub's
+    cache, with its progress bar), or return an already loaded mapping.
+
+    Unpickling is ``weights_only``: a file holding other Python objects raises UnsafeCheckpointError
+    naming them, unless ``trusted`` (then it is fully unpickled, with a warning on stderr). A missing,
+    truncated or foreign file raises CheckpointError.
+    """
     if isinstance(source, Mapping):
         return source
     source = str(source)
-    scheme = urlparse(source).scheme
+    if urlparse(source).scheme in ("http", "https", "file"):
+        path = _download(source, progress, check_hash)
+    elif os.path.isfile(source):
+        path = source
+    else:
+        raise CheckpointError(f"checkpoint file not found: {source}")
+    return _load_file(path, source, map_location, trusted)
+
+
+def _download(url: str, progress: bool, check_hash: bool) -> str:
+    """The local copy of ``url`` in torch.hub's cache (``<hub dir>/checkpoints/<file name>``), downloaded
+    first when absent. ``check_hash``: the file name's ``-<sha256 prefix>`` suffix must match."""
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, os.path.basename(urlparse(url).path) or "checkpoint.pth")
+    if os.path.isfile(path):
+        return path
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path)) if check_hash else None
     try:
-        if scheme in ("http", "https", "file"):
-            return torch.hub.load_state_dict_from_url(source, map_location=map_location, progress=progress,
-                                                      check_hash=check_hash)
-        if not os.path.isfile(source):
-            raise CheckpointError(f"checkpoint file not found: {source}")
-        return torch.load(source, map_location=map_location, weights_only=False)
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated zip, pickle garbage, network error...
-        raise CheckpointError(f"cannot read checkpoint {source}: {type(e).__name__}: {e}. "
-                              f"The file may be truncated or not a PyTorch checkpoint.") from e
+        os.makedirs(folder, exist_ok=True)
+        if progress:
+            print(f'Downloading: "{url}" to {path}', file=sys.stderr)
+        torch.hub.download_url_to_file(url, path, match.group(1) if match else None, progress=progress)
+    except Exception as e:  # offline, 404, a refused hash, a full disk
+        raise CheckpointError(f"cannot download {url}: {_first_line(e)}") from e
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _load_file(path: str, shown: str, map_location, trusted: bool):
+    if trusted:
+        print(f"warning: {shown} is unpickled in full because of {TRUST_FLAG}: a file from an untrusted "
+              f"source can run code on this machine", file=sys.stderr)
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
+    allowed = [(placeholder, name) for name, placeholder in _PLACEHOLDERS.items()]
+    try:
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below anyway
+            return _scrub(torch.load(path, map_location=map_location, weights_only=True))
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{shown} holds Python objects that could run code when loaded ({', '.join(unsafe)}), so it "
+                f"was not loaded; if you trust the file, pass {TRUST_FLAG} (torch.hub: "
+                f"trust_checkpoint=True)") from None
+        raise CheckpointError(f"cannot read checkpoint {shown}: it is truncated, or not a file that PyTorch's "
+                              f"weights-only loader reads ({_first_line(e)})") from None
+    except Exception as e:  # a truncated zip, pickle garbage, an empty file
+        raise CheckpointError(f"cannot read checkpoint {shown}: it is truncated or not a PyTorch checkpoint "
+                              f"({_first_line(e)})") from None
+
+
+def _unsafe_globals(path: str) -> List[str]:
+    """The names of the globals in ``path`` that the weights-only unpickler does not allow (empty when
+    it failed for another reason), read without unpickling anything."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive: a raw pickle or the legacy format
+        names = _pickle_globals(path)
+    return sorted({n for n in names if n not in ALLOWED_GLOBALS})
+
+
+def _pickle_globals(path: str) -> List[str]:
+    """Every ``module.name`` that the pickles in ``path`` import, by reading their opcodes only."""
+    names, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            while f.peek(1):  # one pickle after another, as the legacy format writes them
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        names.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+    except Exception:  # garbage after the last complete pickle
+        pass
+    return names
 
 
 def _unwrap(obj: Mapping) -> Mapping:
@@ -96,25 +224,62 @@ def misfit(own: Mapping[str, Tensor], sd: Mapping[str, Tensor], allow_unexpected
 
 def load_backbone_weights(backbone: nn.Module, source, arch: Optional[str] = None,
                           map_location="cpu", allow_unexpected: bool = False,
-                          progress: bool = True) -> Tuple[List[str], List[str]]:
+                          progress: bool = True, trusted: bool = False) -> Tuple[List[str], List[str]]:
     """Load backbone weights strictly, with a message that lists what does not fit.
 
     Every backbone key must be present with its shape (missing or mismatched keys raise
     CheckpointError, naming them and, when recognisable, the architecture the file was made for).
     Unexpected keys raise too unless ``allow_unexpected``. Returns (missing, unexpected): both empty
-    on success unless unexpected keys were allowed. ``progress``: torch.hub's download bar for URLs.
+    on success unless unexpected keys were allowed. ``progress``: torch.hub's download bar for URLs;
+    ``trusted``: see ``read_checkpoint``.
     """
-    sd = extract_backbone_state_dict(read_checkpoint(source, map_location, progress))
+    sd = extract_backbone_state_dict(read_checkpoint(source, map_location, progress, trusted=trusted))
+    return _load_strict(backbone, sd, arch, _describe(source), allow_unexpected)
+
+
+def _load_strict(backbone: nn.Module, sd: Mapping[str, Tensor], arch: Optional[str], shown: str,
+                 allow_unexpected: bool = False) -> Tuple[List[str], List[str]]:
     own = backbone.state_dict()
     lines = misfit(own, sd, allow_unexpected)
     if lines:
-        name = arch or type(backbone).__name__
-        guess = guess_arch(sd)
-        if guess and guess != arch:
-            lines.append(f"  the file looks like a {guess} checkpoint: pass --arch {guess}")
-        raise CheckpointError("\n".join([f"checkpoint {_describe(source)} does not fit {name}:"] + lines))
+        lines += _guess_hint(sd, arch, _has_small_stem(backbone))
+        raise CheckpointError("\n".join([f"checkpoint {shown} does not fit {arch or type(backbone).__name__}:"]
+                                        + lines))
     backbone.load_state_dict({k: sd[k] for k in own}, strict=True)
     return [], [k for k in sd if k not in own]
+
+
+def load_backbone(source, arch: Optional[str] = None, small_input: Optional[bool] = None,
+                  progress: bool = True, trusted: bool = False) -> Tuple[nn.Module, str, bool]:
+    """``(backbone, arch, small_input)`` from a checkpoint whose architecture need not be known.
+
+    ``arch`` and ``small_input``, when None, come from a ``model.pth``'s saved arguments, else from the
+    weights' shapes (``guess_backbone``). The weights load strictly (``load_backbone_weights``).
+    """
+    from . import backbone_family, build_backbone
+    obj = read_checkpoint(source, progress=progress, trusted=trusted)
+    sd = extract_backbone_state_dict(obj)
+    saved = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
+    arch = arch or saved.get("arch")
+    if small_input is None and arch is not None and saved.get("arch") == arch and "small_input" in saved:
+        small_input = bool(saved["small_input"])
+    guess = guess_backbone(sd)
+    if arch is None:
+        if guess is None:
+            raise CheckpointError(f"cannot recognise the architecture of {_describe(source)} from its weights: "
+                                  f"pass --arch")
+        arch = guess[0]
+    try:
+        family = backbone_family(arch)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if small_input is None:
+        small_input = family == "resnet" and guess == (arch, True)
+    if small_input and family != "resnet":
+        raise CheckpointError("--small-input applies to ResNet backbones only")
+    backbone, _ = build_backbone(arch, **({"small_input": True} if small_input else {}))
+    _load_strict(backbone, sd, arch, _describe(source))
+    return backbone, arch, bool(small_input)
 
 
 def _describe(source) -> str:
@@ -122,27 +287,56 @@ def _describe(source) -> str:
 
 
 def guess_arch(sd: Mapping[str, Tensor]) -> Optional[str]:
-    """The registered architecture whose parameter names and shapes equal ``sd``'s, if any.
+    """The registered architecture whose parameter names and shapes equal ``sd``'s, if any (the
+    small-input ResNet stem included: see ``guess_backbone`` to know which stem)."""
+    guess = guess_backbone(sd)
+    return guess[0] if guess else None
+
+
+def guess_backbone(sd: Mapping[str, Tensor]) -> Optional[Tuple[str, bool]]:
+    """``(arch, small_input)`` whose parameter names and shapes equal ``sd``'s, if any.
 
     Only architectures of the file's family with as many entries are built (on the meta device,
-    once per process), so a failed load explains itself in milliseconds."""
+    once per process), so a failed load explains itself in milliseconds. ``small_input``: the ResNet
+    stem for 32-pixel images (a 3x3 stride-1 first convolution), visible in ``conv1.weight``'s shape.
+    """
     from . import BACKBONES, backbone_family  # late import: models/__init__ imports this module's users
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     family = "resnet" if "conv1.weight" in shapes else "convnext" if "downsample_layers.0.0.weight" in shapes else None
+    stems = (False, True) if family == "resnet" else (False,)
     for arch in BACKBONES:
         if backbone_family(arch) != family:
             continue
-        own = _arch_shapes(arch)
-        if len(own) == len(shapes) and own == shapes:
-            return arch
+        for small_input in stems:
+            own = _arch_shapes(arch, small_input)
+            if len(own) == len(shapes) and own == shapes:
+                return arch, small_input
     return None
 
 
+def _has_small_stem(backbone: nn.Module) -> bool:
+    conv1 = getattr(backbone, "conv1", None)
+    return isinstance(conv1, nn.Conv2d) and conv1.kernel_size == (3, 3)
+
+
+def _guess_hint(sd: Mapping[str, Tensor], arch: Optional[str], small_input: bool) -> List[str]:
+    """A line saying which --arch (and stem) the weights fit, when that differs from what was asked."""
+    guess = guess_backbone(sd)
+    if guess is None or guess == (arch, small_input):
+        return []
+    flags = f"--arch {guess[0]}" + (" --small-input" if guess[1] else "")
+    if guess[0] == arch:
+        return [f"  the file was made {'with' if guess[1] else 'without'} the small-input ResNet stem: "
+                f"{'pass' if guess[1] else 'drop'} --small-input"]
+    return [f"  the file looks like a {guess[0]}{' (small-input stem)' if guess[1] else ''} checkpoint: "
+            f"pass {flags}"]
+
+
 @functools.lru_cache(maxsize=None)
-def _arch_shapes(arch: str) -> Dict[str, Tuple[int, ...]]:
+def _arch_shapes(arch: str, small_input: bool = False) -> Dict[str, Tuple[int, ...]]:
     from . import build_backbone
     with torch.device("meta"):
-        net, _ = build_backbone(arch)
+        net, _ = build_backbone(arch, **({"small_input": True} if small_input else {}))
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
@@ -197,7 +391,7 @@ def pretraining_config_from_state_dict(sd: Mapping[str, Tensor], arch: str, alph
 
 
 def load_pretraining_model(source, arch: str, alpha: Optional[float] = None, map_location="cpu",
-                           progress: bool = True, **backbone_kwargs):
+                           progress: bool = True, trusted: bool = False, **backbone_kwargs):
     """The whole ``VICRegL`` pretraining model (backbone, projector, maps_projector, classifier) from a
     full checkpoint (``_fullckpt.pth``, our ``model.pth``): path, URL or loaded mapping.
 
@@ -206,15 +400,13 @@ def load_pretraining_model(source, arch: str, alpha: Optional[float] = None, map
     lists the missing, mismatched and unexpected keys. ``backbone_kwargs`` go to the backbone factory.
     """
     from .vicregl import VICRegL
-    sd = pretraining_state_dict(read_checkpoint(source, map_location, progress))
+    sd = pretraining_state_dict(read_checkpoint(source, map_location, progress, trusted=trusted))
     model = VICRegL(pretraining_config_from_state_dict(sd, arch, alpha, backbone_kwargs))
     own = model.state_dict()
     lines = misfit(own, sd)
     if lines:
         backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        guess = guess_arch(backbone_sd) if backbone_sd else None
-        if guess and guess != arch:
-            lines.append(f"  the file looks like a {guess} checkpoint: pass --arch {guess}")
+        lines += _guess_hint(backbone_sd, arch, bool(backbone_kwargs.get("small_input")))
         raise CheckpointError("\n".join([f"checkpoint {_describe(source)} does not fit the {arch} "
                                          f"pretraining model:"] + lines))
     model.load_state_dict(sd, strict=True)

@@ -1,4 +1,5 @@
-"""Weighted k-nearest-neighbour classification on frozen features (SPEC §7, **NEW**).
+"""Weighted k-nearest-neighbour classification on frozen features (an addition of this project:
+the reference implementation had none).
 
 The protocol of Wu et al. (2018), as DINO and others report it: features are L2-normalised, the
 similarity of a query to a training sample is their dot product (cosine similarity), the k most

@@ -1,4 +1,4 @@
-"""Linear frozen segmentation (SPEC §9) in plain PyTorch.
+"""Linear frozen segmentation in plain PyTorch, the protocol of the VICRegL paper.
 
 ``train.py`` is the script (``python segmentation/train.py --help``); ``datasets.py`` reads Pascal VOC,
 ADE20K, Cityscapes and the built-in masks; ``transforms.py`` holds the joint image/mask augmentations;

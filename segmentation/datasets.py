@@ -27,10 +27,9 @@ Layouts (``--data-dir`` may point at the folder named first or at a folder above
 - ``builtin``: ``datasets.BuiltinSegmentation`` (procedural images, no download): background 0 and
   one class per object type.
 """
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
-
-import warnings
 
 import numpy as np
 from PIL import Image
@@ -153,8 +152,8 @@ class SegmentationFiles(Dataset):
                 if not self.skip_unreadable:
                     raise OSError(f"cannot read {self.samples[i]}: {e}") from e
                 self.num_skipped += 1
-                warnings.warn(f"skipping unreadable sample {self.samples[i]} ({type(e).__name__}: {e}); "
-                              f"{self.num_skipped} skipped so far in this process", stacklevel=2)
+                print(f"warning: skipping unreadable sample {self.samples[i]} ({type(e).__name__}: {e})",
+                      file=sys.stderr, flush=True)
         else:
             raise RuntimeError("no sample of this dataset could be read")
         return self.transform(image, mask) if self.transform is not None else (image, mask)

@@ -1,4 +1,4 @@
-"""Confusion matrix, IoU and mIoU (SPEC §9).
+"""Confusion matrix, IoU and mIoU.
 
 Everything is computed from one (K, K) confusion matrix accumulated over the whole evaluation set
 (rows: ground truth, columns: prediction), summed over processes with ``all_reduce``. Pixels whose

@@ -1,4 +1,4 @@
-"""Linear frozen segmentation (SPEC §9): train a BatchNorm + 1x1-convolution head on a frozen backbone
+"""Linear frozen segmentation: train a BatchNorm + 1x1-convolution head on a frozen backbone
 and report mIoU. Plain PyTorch: one process on a CPU, or torchrun / SLURM on GPUs.
 
     python segmentation/train.py --dataset builtin --arch resnet_test --small-input \
@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
-from models.checkpoints import CheckpointError, load_backbone_weights, read_checkpoint  # noqa: E402
+from models.checkpoints import CheckpointError, load_backbone_weights  # noqa: E402
 from segmentation import head as seg_head  # noqa: E402
 from segmentation import metrics  # noqa: E402
 from segmentation import transforms as seg_transforms  # noqa: E402
@@ -72,6 +73,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="evaluate the head saved in exp_dir/checkpoint.pth and exit")
     g.add_argument("--print-freq", "--log-interval", dest="print_freq", type=int, default=50,
                    help="iterations between two JSON log lines (stats.txt and stdout)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the numbers of stats.txt and the images per second to TensorBoard event "
+                        "files in <exp-dir>/tensorboard/ (needs pip install tensorboard)")
     g.add_argument("--eval-interval", type=int, default=4000,
                    help="iterations between evaluations on the validation split (0: only at the end)")
     g.add_argument("--checkpoint-interval", type=int, default=None,
@@ -83,6 +87,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--stop-after-iters", type=int, default=0,
                    help="end this process after this many iterations (checkpoint written; 0: run to --iters): "
                         "rerun the same command to continue, e.g. to fit a job's time limit")
+    utils.add_trust_argument(g)
     g.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cuda' or 'cpu'")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     g.add_argument("--fp16", action="store_true",
@@ -320,11 +325,10 @@ def build_backbone(args, device: torch.device) -> nn.Module:
     backbone, _ = models.build_backbone(args.arch, **kw)
     if args.pretrained is not None:
         try:
-            _, unexpected = load_backbone_weights(backbone, args.pretrained, args.arch, allow_unexpected=True)
+            _, unexpected = load_backbone_weights(backbone, args.pretrained, args.arch, allow_unexpected=True,
+                                                  trusted=args.trust_checkpoint)
         except CheckpointError as e:
-            hint = ("\n  (--small-input must match how the backbone was pretrained)"
-                    if args.family == "resnet" and "conv1.weight" in str(e) else "")
-            raise UserError(f"{e}{hint}") from None
+            raise UserError(str(e)) from None
         if utils.is_main_process():
             extra = f", ignoring {len(unexpected)} non-backbone entries" if unexpected else ""
             print(f"loaded {args.arch} weights from {args.pretrained}{extra}", flush=True)
@@ -368,31 +372,14 @@ SAVED_ARGS = ("arch", "dataset", "stages", "small_input", "dilated", "builtin_cl
 
 def load_resume_state(path: Path, args) -> Optional[dict]:
     """exp_dir/checkpoint.pth if present and made by a compatible run; else None or UserError."""
-    if not path.exists():
-        return None
-    try:
-        ckpt = read_checkpoint(str(path))
-    except CheckpointError as e:
-        raise UserError(f"{e}\nThe file was left untouched: move it away to start afresh.") from None
-    if not all(k in ckpt for k in ("head", "optimizer", "iteration")):
-        raise UserError(f"{path} is not a segmentation checkpoint (no head/optimizer/iteration entries)")
-    saved = ckpt.get("args", {})
-    for key in SAVED_ARGS:
-        if key in saved and saved[key] != getattr(args, key):
-            raise UserError(f"{path} was written by a run with --{key.replace('_', '-')} {saved[key]}, not "
-                            f"{getattr(args, key)}; use another --exp-dir or the same settings")
-    return ckpt
+    return training.load_resume_state(path, "segmentation", ("head", "optimizer", "iteration"), args, SAVED_ARGS,
+                                      trusted=args.trust_checkpoint)
 
 
 def save_checkpoint(path: Path, head: nn.Module, optimizer, it: int, args, main_proc: bool) -> None:
-    if main_proc:
-        state = dict(iteration=it, head=head.state_dict(), optimizer=optimizer.state_dict(),
-                     args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-        utils.save_atomic(state, str(path))
-    utils.barrier()
+    training.save_state(path, lambda: dict(iteration=it, head=head.state_dict(), optimizer=optimizer.state_dict(),
+                                           args=training.plain_args(args)), main_proc)
 
-
-# ----------------------------------------------------------------------------- logging
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -419,22 +406,14 @@ def evaluate(model: seg_head.Segmenter, loader, num_classes: int, args, device, 
 
 
 def validation_line(it: int, conf: torch.Tensor, class_names, start: float) -> dict:
-    return {"it": it, **metrics.segmentation_scores(conf, class_names), "t": f"{int(time.time() - start):09d}"}
+    return {training.ITERATION: it, **metrics.segmentation_scores(conf, class_names),
+            training.TIME: training.elapsed_field(start)}
 
 
 # ----------------------------------------------------------------------------- loop
 
-class NonFiniteLoss(Exception):
-    pass
-
-
-def step_seed(seed: int, rank: int, it: int) -> int:
-    """A per-(process, iteration) seed for the head's dropout."""
-    return (seed * 1_000_003 + rank * 7_919 + it * 104_729) % (2 ** 63)
-
-
 def training_step(features: nn.Module, head: nn.Module, optimizer, images: torch.Tensor, masks: torch.Tensor,
-                  lr: float) -> torch.Tensor:
+                  lr: float, it: int) -> torch.Tensor:
     """One SGD/AdamW step of the head on a batch: images (B, 3, H, W), masks (B, H, W) -> loss (detached)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -444,8 +423,7 @@ def training_step(features: nn.Module, head: nn.Module, optimizer, images: torch
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
     else:  # every pixel ignored (possible with tiny crops): no signal, but keep DDP in step
         loss = logits.sum() * 0.0
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"the loss became {float(loss)}; the last checkpoint was kept; lower --lr")
+    training.check_finite(loss.detach(), it, hint="lower --lr")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -456,12 +434,7 @@ def restore(ckpt: Optional[dict], head: nn.Module, optimizer, path: Path) -> int
     """Load the head and optimiser from a resume checkpoint; the iteration to continue from."""
     if ckpt is None:
         return 0
-    try:
-        head.load_state_dict(ckpt["head"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not fit this head (another --arch, --stages or dataset?): "
-                        f"{str(e).splitlines()[0]}. The file was left untouched.") from None
+    training.restore(path, ckpt, head=head, optimizer=optimizer)
     return int(ckpt["iteration"])
 
 
@@ -469,6 +442,8 @@ def train(args) -> None:
     info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
     main_proc = info.rank == 0
     resolve_args(args)
+    if args.tensorboard:
+        utils.require_tensorboard()  # a missing package fails now, not after loading the backbone
     if args.batch_size < 1 or args.batch_size % info.world_size:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must be a positive multiple "
                         f"of the number of processes ({info.world_size})")
@@ -497,7 +472,8 @@ def train(args) -> None:
     it = restore(ckpt, model.head, optimizer, ckpt_path)
     head = model.head if info.world_size == 1 else nn.parallel.DistributedDataParallel(
         model.head, device_ids=[info.device] if info.device.type == "cuda" else None)
-    logger = utils.JsonLogger(args.exp_dir, main_proc)
+    # TensorBoard's global step is `it`; the line at the resumed iteration `it` itself stays valid
+    logger = utils.JsonLogger(args.exp_dir, main_proc, args.tensorboard, purge_step=None if args.eval_only else it + 1)
     if main_proc:
         print(f"{args.arch} features {model.features.out_channels} channels (stages {args.stages}) -> "
               f"{num_classes} classes; {args.optimizer} lr {args.lr} wd {args.weight_decay}; "
@@ -508,7 +484,7 @@ def train(args) -> None:
     def validate(it: int) -> dict:
         line = validation_line(it, evaluate(model, val_loader, num_classes, args, info.device, logger),
                                class_names, start)
-        logger.log(line, "Val: ")
+        logger.log(line, training.VAL_PREFIX, step=it)
         return line
 
     if args.eval_only:
@@ -519,25 +495,23 @@ def train(args) -> None:
     stop_at = min(args.iters, it + args.stop_after_iters) if args.stop_after_iters else args.iters
     epoch, skip = divmod(it, len(train_loader))
     model.train()
-    t_run, done = time.time(), 0
+    progress = training.Progress(logger, args.iters, args.batch_size, first_step=it)
     loss_sum, loss_count = torch.zeros((), device=info.device), 0  # mean over each logging interval
     while it < stop_at:
         for images, masks in datasets.epoch_iterator(train_loader, epoch, skip):
             lr = learning_rate(it, args.iters, args.lr, args.min_lr, args.poly_power, args.warmup_iters)
-            torch.manual_seed(step_seed(args.seed, info.rank, it))  # dropout replays exactly after a resume
+            torch.manual_seed(training.step_seed(args.seed, info.rank, it))  # dropout replays after a resume
             loss = training_step(model.features, head, optimizer, images.to(info.device, non_blocking=True),
-                                 masks.to(info.device, non_blocking=True), lr)
-            it, done = it + 1, done + 1
+                                 masks.to(info.device, non_blocking=True), lr, it)
+            it += 1
             loss_sum, loss_count = loss_sum + loss, loss_count + 1
             if it % args.print_freq == 0 or it == stop_at:
                 mean_loss = float(utils.all_reduce_mean(loss_sum / loss_count))
-                logger.log({"ep": epoch, "it": it, "lr": lr, "loss": round(mean_loss, 6),
-                            "t": f"{int(time.time() - start):09d}"})
+                logger.log({training.EPOCH: epoch, training.ITERATION: it, training.LR: lr,
+                            "loss": round(mean_loss, 6), training.TIME: training.elapsed_field(start)},
+                           step=it, extra=progress.scalars(it))
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
-            if logger.tty:
-                rate = done * args.batch_size / (time.time() - t_run)
-                logger.progress(f"it {it}/{args.iters} | loss {float(loss):.4f} | lr {lr:.2e} | {rate:.1f} img/s "
-                                f"| left {utils.hms((args.iters - it) * args.batch_size / max(rate, 1e-9))}")
+            progress.show(it, f"it {it}/{args.iters} | lr {lr:.2e}", lambda: float(loss))
             if it % args.checkpoint_interval == 0 or it == stop_at:
                 save_checkpoint(ckpt_path, model.head, optimizer, it, args, main_proc)
             if args.eval_interval and it % args.eval_interval == 0 and it < args.iters:
@@ -557,15 +531,9 @@ def train(args) -> None:
               flush=True)
 
 
-@utils.exit_on_user_error
+@training.entry_point
 def main(args: argparse.Namespace) -> None:
-    try:
-        train(args)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        utils.cleanup_distributed()
+    train(args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ __all__ = ["MEAN", "STD", "IGNORE_INDEX", "rescale_size", "TrainTransform", "Eva
            "random_crop_box", "normalize"]
 
 MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)  # evaluation statistics (pretraining used 0.228, see SPEC §4)
+STD = (0.229, 0.224, 0.225)  # evaluation statistics (pretraining normalised red with std 0.228)
 IGNORE_INDEX = 255
 
 Mask = Union[Image.Image, np.ndarray]

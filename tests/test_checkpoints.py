@@ -90,3 +90,46 @@ def test_pretraining_model_state_extracts_backbone():
     sd = extract_backbone_state_dict(full)
     assert list(sd) == list(model.backbone.state_dict())
     assert guess_arch(sd) == "convnext_test"
+
+
+@pytest.mark.parametrize("arch,small", [("resnet18", True), ("resnet18", False), ("resnet_mini", True),
+                                        ("convnext_test", False)])
+def test_guess_backbone_tells_the_small_input_stem(arch, small):
+    """The small-input stem has a 3x3 first convolution (a 7x7 one otherwise): the shapes tell."""
+    from models.checkpoints import guess_backbone
+    net, _ = models.build_backbone(arch, **({"small_input": True} if small else {}))
+    assert tuple(net.state_dict()["conv1.weight" if arch.startswith("resnet") else
+                                  "downsample_layers.0.0.weight"].shape[-2:]) == ((3, 3) if small else
+                                                                                  (7, 7) if arch.startswith("resnet")
+                                                                                  else (4, 4))
+    assert guess_backbone(net.state_dict()) == (arch, small)
+    assert guess_arch(net.state_dict()) == arch
+
+
+def test_a_stem_mismatch_says_which_flag_to_change(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save(models.build_backbone("resnet_test", small_input=True)[0].state_dict(), path)
+    plain, _ = models.build_backbone("resnet_test")
+    with pytest.raises(CheckpointError, match="made with the small-input ResNet stem: pass --small-input"):
+        load_backbone_weights(plain, str(path), "resnet_test")
+    other, _ = models.build_backbone("resnet18")
+    with pytest.raises(CheckpointError, match=r"looks like a resnet_test \(small-input stem\) checkpoint: "
+                                              r"pass --arch resnet_test --small-input"):
+        load_backbone_weights(other, str(path), "resnet18")
+
+
+def test_load_backbone_reads_arch_and_stem_from_the_file(tmp_path):
+    """model.pth's saved arguments first, the weights' shapes otherwise; strict either way."""
+    from models.checkpoints import load_backbone
+    torch.manual_seed(3)
+    src, _ = models.build_backbone("resnet_test", small_input=True)
+    saved = {"model": {f"module.backbone.{k}": v for k, v in src.state_dict().items()},
+             "args": {"arch": "resnet_test", "small_input": True}}
+    torch.save(saved, tmp_path / "model.pth")
+    torch.save(src.state_dict(), tmp_path / "backbone.pth")
+    for name in ("model.pth", "backbone.pth"):
+        net, arch, small = load_backbone(str(tmp_path / name))
+        assert (arch, small) == ("resnet_test", True)
+        _assert_same(net, src)
+    with pytest.raises(CheckpointError, match="does not fit resnet18"):
+        load_backbone(str(tmp_path / "backbone.pth"), arch="resnet18")

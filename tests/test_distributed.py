@@ -88,3 +88,22 @@ def test_processes_equal_one(tmp_path, world):
                                                msg=f"{name} gradient, rank {r}, config {c}")
                 checked += 1
     assert checked >= 3 * len(LOSSES) * world
+
+
+def _agreement_worker(rank, world, init_file, out_dir):
+    """Each process has its own opinion; the decisions that run collectives must be shared."""
+    import main_vicregl
+    import utils
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    stop = main_vicregl.StopSignal(signals=())
+    results = [stop.agree(rank == 0), stop.agree(False), stop.agree(rank == world - 1),
+               utils.any_process(rank == 1), utils.any_process(False), utils.sum_over_processes(rank + 1)]
+    torch.save(results, f"{out_dir}/agree{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_processes_agree_on_decisions_taken_on_their_own_clocks(tmp_path):
+    world = 3
+    mp.spawn(_agreement_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    for r in range(world):
+        assert torch.load(tmp_path / f"agree{r}.pt", weights_only=True) == [True, False, True, True, False, 6]

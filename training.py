@@ -1,0 +1,180 @@
+"""What the three training scripts share: resume and save with clear errors, the per-step seed, the
+non-finite-loss stop, the progress line with the time left, and the names used in their logs.
+
+Used by ``main_vicregl.py`` (pretraining), ``evaluate.py`` (linear probe and fine-tuning) and
+``segmentation/train.py`` (linear segmentation head). Every function works in one plain process and
+under a process group; only rank 0 writes files.
+"""
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+
+import datasets
+import utils
+from models.checkpoints import CheckpointError, read_checkpoint
+from utils import UserError
+
+# Names in stats.txt. Validation lines carry a prefix so that a reader can tell them apart; the other
+# keys are those of the reference's pretraining log (evaluate.py keeps the reference evaluate.py's own
+# names: epoch, step, lr_head, lr_backbone, loss, time).
+VAL_PREFIX = "Val: "
+EPOCH, STEP, ITERATION, LR, TIME = "ep", "st", "it", "lr", "t"
+IMAGES_PER_S = "images_per_s"  # TensorBoard only
+
+
+def elapsed_field(start: float) -> str:
+    """Seconds since ``start`` as the 9-digit zero-padded string of the ``t`` field."""
+    return f"{int(time.time() - start):09d}"
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the model's own randomness (drop path, dropout) at ``step`` in process ``rank``:
+    a resumed run replays exactly what the uninterrupted run drew."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2 ** 63)
+
+
+# ----------------------------------------------------------------------------- stopping on a bad loss
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite: the run stops before the update, keeping the last checkpoint."""
+
+
+def check_finite(loss: torch.Tensor, step: int, logs: Optional[Mapping[str, torch.Tensor]] = None,
+                 hint: str = "lower the learning rate") -> None:
+    """Raise NonFiniteLoss naming the step and the non-finite logged terms when ``loss`` is not finite.
+    Reading the loss waits for the device: on GPUs call it one step late."""
+    if torch.isfinite(loss):
+        return
+    bad = [k for k, v in (logs or {}).items() if not torch.isfinite(v)]
+    terms = f" (non-finite terms: {', '.join(bad) or 'none logged'})" if logs is not None else ""
+    raise NonFiniteLoss(f"the loss became {float(loss)} at step {step}{terms}; stopping. The last good "
+                        f"checkpoint was kept. Try to {hint}")
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Progress:
+    """Throughput and time left of a loop of ``total_steps`` steps of ``images_per_step`` images each,
+    shown on a terminal (``logger.progress``) at most once a second. Rates count this process's run
+    only, so a resumed run does not claim the images of the run before it."""
+
+    def __init__(self, logger: utils.JsonLogger, total_steps: int, images_per_step: int, first_step: int = 0):
+        self.logger, self.total, self.images = logger, total_steps, images_per_step
+        self.first, self.start, self.shown = first_step, time.time(), 0.0
+
+    def rate(self, steps_done: int) -> float:
+        """Images per second since the start."""
+        return (steps_done - self.first) * self.images / max(time.time() - self.start, 1e-9)
+
+    def scalars(self, steps_done: int) -> Dict[str, float]:
+        """The numbers for TensorBoard that stats.txt does not hold: ``{"images_per_s": rate}``."""
+        return {IMAGES_PER_S: self.rate(steps_done)}
+
+    def seconds_left(self, steps_done: int) -> float:
+        return (self.total - steps_done) * self.images / max(self.rate(steps_done), 1e-9)
+
+    def show(self, steps_done: int, position: str, loss: Optional[Callable[[], float]] = None) -> None:
+        """``position | img/s | loss | left`` on the terminal; ``loss`` is only called (which may wait for
+        the device) when the line is drawn."""
+        if not self.logger.tty or time.time() - self.shown < 1.0:
+            return
+        self.shown = time.time()
+        parts = [position, f"{self.rate(steps_done):.1f} img/s"]
+        if loss is not None:
+            parts.append(f"loss {loss():.4f}")
+        parts.append(f"left {utils.hms(self.seconds_left(steps_done))}")
+        self.logger.progress(" | ".join(parts))
+
+
+# ----------------------------------------------------------------------------- skipped files
+
+def skipped_in_epoch(loader, before: int) -> Dict[str, int]:
+    """``{"skipped_images": n}``: the unreadable files that every process skipped since ``before`` (this
+    process's earlier count), for the epoch's log line; {} when there were none, so that the line keeps
+    its usual keys. A collective: every process calls it."""
+    n = utils.sum_over_processes(datasets.skipped_images(loader) - before)
+    return {"skipped_images": n} if n else {}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def plain_args(args) -> Dict[str, object]:
+    """The arguments as plain data for a checkpoint (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def load_resume_state(path: Path, kind: str, required: Sequence[str], args, checked: Sequence[str],
+                      trusted: bool = False) -> Optional[dict]:
+    """The checkpoint at ``path`` to resume from, or None when there is none.
+
+    It must hold the ``required`` entries, and the options named in ``checked`` must equal those it was
+    saved with. Any problem is a UserError that says what differs and leaves the file untouched.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        ckpt = read_checkpoint(str(path), trusted=trusted)
+    except CheckpointError as e:
+        raise UserError(f"{e}. {path} was left untouched: move it away to start afresh, or use another "
+                        f"--exp-dir") from None
+    missing = [k for k in required if not isinstance(ckpt, Mapping) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a {kind} checkpoint (no {', '.join(missing)}); it was left untouched: "
+                        f"use another --exp-dir")
+    saved, now = ckpt.get("args") or {}, plain_args(args)
+    differ = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in checked
+              if k in saved and saved[k] != now.get(k)]
+    if differ:
+        raise UserError(f"{path} was written by a run with {', '.join(differ)}; it was left untouched: use "
+                        f"another --exp-dir, or the same options to resume")
+    return ckpt
+
+
+def restore(path: Path, states: Mapping[str, Mapping], **objects) -> None:
+    """``objects[name].load_state_dict(states[name])`` for every name (modules strictly); a state that
+    does not fit is a UserError naming the part, and the file stays untouched."""
+    for name, obj in objects.items():
+        try:
+            obj.load_state_dict(states[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} does not fit this run: its {name} state: {str(e).strip().splitlines()[0]}. "
+                            f"The file was left untouched") from None
+
+
+def save_state(path: Path, make_state: Callable[[], dict], main_proc: bool) -> None:
+    """Rank 0 writes ``make_state()`` to ``path`` atomically; then every process learns whether that
+    worked, so that a failed write (full disk, read-only folder) stops all of them with one message
+    instead of leaving the others waiting. The previous file stays intact."""
+    error = None
+    if main_proc:
+        try:
+            utils.save_atomic(make_state(), str(path))
+        except UserError as e:
+            error = str(e)
+    if utils.any_process(error is not None):
+        raise UserError(error or f"process 0 could not write {path}")
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def entry_point(fn: Callable) -> Callable:
+    """Decorator for a script's ``main``: user errors (exit status 2) and a non-finite loss (1) are
+    printed as one line without a traceback, and the process group is always torn down."""
+    @utils.exit_on_user_error
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NonFiniteLoss as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            utils.cleanup_distributed()
+    return wrapper
