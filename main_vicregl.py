@@ -70,6 +70,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="read train_images.npy (paths) and train_labels.npy under --data-dir")
     g.add_argument("--builtin-images", type=int, default=4096,
                    help="number of training images of --dataset builtin")
+    g.add_argument("--builtin-val-images", type=int, default=2000,
+                   help="number of validation images of --dataset builtin (for --evaluate and --knn)")
     g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
     g.add_argument("--builtin-max-objects", type=int, default=4, help="objects per image of --dataset builtin")
     g.add_argument("--builtin-seed", type=int, default=0,
@@ -115,6 +117,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--warmup-epochs", type=int, default=10, help="epochs of linear learning-rate warmup")
+    g.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many optimisation steps (0: no cap); a cap below --epochs' steps "
+                        "compresses their schedule into it: the warmup keeps its share (--warmup-epochs out of "
+                        "--epochs) and the cosine ends at the last step")
+    g.add_argument("--time-budget", type=float, default=0.0,
+                   help="minutes this run may take (0: no limit): the time per step is measured over its first "
+                        "steps, the steps that fit in the budget are then fixed (saved in model.pth, so that a "
+                        "resumed run keeps them) and the schedule is compressed into them as with --max-steps; "
+                        "the run ends cleanly when they are done, or earlier if time runs out")
     g.add_argument("--batch-size", type=int, default=512,
                    help="global batch size (split evenly over the processes)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"], help="optimiser")
@@ -206,6 +217,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
                             f"({world_size})")
     if args.epochs < 1 or args.warmup_epochs < 0:
         raise UserError(f"--epochs must be >= 1 and --warmup-epochs >= 0 (got {args.epochs}, {args.warmup_epochs})")
+    if args.max_steps < 0 or args.time_budget < 0:
+        raise UserError(f"--max-steps and --time-budget must be >= 0 (got {args.max_steps}, {args.time_budget})")
     if args.small_input and models.backbone_family(args.arch) != "resnet":
         raise UserError("--small-input applies to ResNet backbones only")
     sides = crop_grid_sizes(args)
@@ -232,7 +245,8 @@ def build_data(args, info: utils.DistInfo, split: str):
               else transforms.MultiCropValDataTransform(**kw))
         dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf,
                                          from_numpy=args.dataset_from_numpy,
-                                         num_images=args.builtin_images if split == "train" else None,
+                                         num_images=(args.builtin_images if split == "train"
+                                                     else args.builtin_val_images),
                                          image_size=args.builtin_size,
                                          max_objects=args.builtin_max_objects, seed=args.builtin_seed,
                                          download=args.download, with_unlabeled=True)
@@ -260,7 +274,8 @@ def build_knn_data(args, info: utils.DistInfo):
         try:
             dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf,
                                              from_numpy=args.dataset_from_numpy,
-                                             num_images=args.builtin_images if split == "train" else None,
+                                             num_images=(args.builtin_images if split == "train"
+                                                     else args.builtin_val_images),
                                              image_size=args.builtin_size, max_objects=args.builtin_max_objects,
                                              seed=args.builtin_seed, download=args.download)
         except (ValueError, FileNotFoundError) as e:
@@ -454,25 +469,37 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         return None
 
     steps_per_epoch = len(train_loader)
-    total_steps = args.epochs * len(train_set) // args.batch_size
-    warmup_steps = args.warmup_epochs * len(train_set) // args.batch_size
+    epoch_steps = args.epochs * len(train_set) // args.batch_size
+    warmup_epoch_steps = args.warmup_epochs * len(train_set) // args.batch_size
+    # --time-budget: the steps that fit, measured in this run or in the run it resumes
+    args.budget_steps = ((ckpt or {}).get("args") or {}).get("budget_steps") if args.time_budget else None
+    budget = training.StepBudget(args.time_budget * 60, start) if args.time_budget and not args.budget_steps else None
+    cap = min([s for s in (args.max_steps, args.budget_steps) if s] or [0])
+    total_steps, warmup_steps = training.schedule_steps(epoch_steps, warmup_epoch_steps, cap)
     stop = StopSignal(stop_signals)
     last_log, pending = time.time(), None
-    progress = training.Progress(logger, args.epochs * steps_per_epoch, args.batch_size,
+    progress = training.Progress(logger, total_steps, args.batch_size,
                                  first_step=start_epoch * steps_per_epoch + start_step)
     skipped_before = 0
     for epoch in range(start_epoch, args.epochs):
+        if epoch * steps_per_epoch >= total_steps:
+            break
         ddp.train()
         skip = start_step if epoch == start_epoch else 0
         loader_iter = datasets.epoch_iterator(train_loader, epoch, skip)
+        position = skip  # steps done in this epoch
         for i, batch in enumerate(loader_iter, start=skip):
             step = epoch * steps_per_epoch + i
+            if budget is not None and stop.agree(budget.exceeded(time.time())):
+                total_steps = step  # out of time before the estimated steps were done: end here
+            if step >= total_steps:
+                break
             lr = utils.learning_schedule(step, args.batch_size, args.base_lr, args.end_lr_ratio,
                                          total_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             views, locations, labels = to_device(batch, info.device, args.channels_last)
-            last_step = i == steps_per_epoch - 1
+            last_step = i == steps_per_epoch - 1 or step + 1 == total_steps
             log_now = last_step or stop.agree(time.time() - last_log >= args.log_tensors_interval)
             torch.manual_seed(training.step_seed(args.seed, info.rank, step))
             with autocast():
@@ -498,6 +525,11 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
                 logger.log(stats, step=step, extra=progress.scalars(step + 1))
                 last_log = time.time()
             progress.show(step + 1, f"ep {epoch} step {i + 1}/{steps_per_epoch}", lambda: float(loss))
+            position = i + 1
+            if budget is not None and budget.fixed is None:
+                total_steps, warmup_steps = fit_to_budget(budget, step + 1, epoch_steps, warmup_epoch_steps,
+                                                          args, total_steps, warmup_steps, main_proc)
+                progress.total = total_steps
             if stop.requested(step, info.device):
                 check_pending(pending, None)
                 save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc)
@@ -507,20 +539,43 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
                 return stop.signum or signal.SIGTERM
         next_epoch = epoch + 1
         pending = check_pending(pending, None)  # never save weights that a bad step touched
-        if next_epoch % args.checkpoint_freq == 0 or next_epoch == args.epochs:
-            save_checkpoint(ckpt_path, model, optimizer, scaler, args, next_epoch, 0, main_proc)
+        final = next_epoch == args.epochs or epoch * steps_per_epoch + position >= total_steps
+        if next_epoch % args.checkpoint_freq == 0 or final:
+            # a run that ends within an epoch (--max-steps, --time-budget) saves where it is
+            at = (next_epoch, 0) if position == steps_per_epoch else (epoch, position)
+            save_checkpoint(ckpt_path, model, optimizer, scaler, args, *at, main_proc)
         if val_loader is not None and args.evaluate and next_epoch % args.eval_freq == 0:
             logger.log({training.EPOCH: epoch, **validate(model, val_loader, info.device, autocast)},
                        training.VAL_PREFIX, step=next_epoch * steps_per_epoch - 1)  # the epoch's last step
-        if knn_loaders is not None and (next_epoch % args.eval_freq == 0 or next_epoch == args.epochs):
+        if knn_loaders is not None and (next_epoch % args.eval_freq == 0 or final):
             logger.log({training.EPOCH: epoch, **knn(args, model, knn_loaders, info.device)}, training.VAL_PREFIX,
                        step=next_epoch * steps_per_epoch - 1)
+        if final:
+            break
     training.save_state(args.exp_dir / "backbone.pth", model.backbone.state_dict, main_proc)
     if main_proc:
         if logger.tty:
             print()
         print(f"done: {args.exp_dir / 'backbone.pth'} ({utils.hms(time.time() - start)})", flush=True)
     return None
+
+
+def fit_to_budget(budget: training.StepBudget, steps_done: int, epoch_steps: int, warmup_epoch_steps: int,
+                  args, total_steps: int, warmup_steps: int, main_proc: bool):
+    """(total, warmup) steps of the schedule after ``steps_done`` steps of a --time-budget run: the
+    budget's estimate (process 0's, so that all processes agree), capped by --max-steps. Once the
+    estimate is fixed it goes into ``args.budget_steps`` (saved with the checkpoints)."""
+    estimate = budget.after_step(steps_done, time.time())
+    if estimate is None:
+        return total_steps, warmup_steps
+    estimate = utils.sum_over_processes(estimate if main_proc else 0)
+    if budget.fixed is not None:
+        budget.fixed = args.budget_steps = estimate
+        if main_proc:
+            print(f"--time-budget {args.time_budget:g} min: {estimate} steps fit "
+                  f"({(time.time() - budget.start) / 60:.1f} min for the first {steps_done})", flush=True)
+    return training.schedule_steps(epoch_steps, warmup_epoch_steps,
+                                   min(estimate, args.max_steps) if args.max_steps else estimate)
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,

@@ -16,7 +16,7 @@ import models
 from models.checkpoints import load_backbone_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "builtin", "--builtin-images", "96", "--builtin-size", "32", "--arch", "resnet_test",
+TINY = ["--dataset", "builtin", "--builtin-images", "96", "--builtin-val-images", "64", "--builtin-size", "32", "--arch", "resnet_test",
         "--small-input", "--size-crops", "32", "16", "--num-crops", "2", "2", "--min_scale_crops", "0.3", "0.1",
         "--max_scale_crops", "1", "0.4", "--num_matches", "4", "2", "--mlp", "32-32", "--maps-mlp", "16-16",
         "--batch-size", "16", "--num-workers", "0", "--log-tensors-interval", "0", "--device", "cpu",
@@ -199,15 +199,27 @@ def _free_port():
     (["--dataset", "imagenet1k", "--data-dir", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
     (["--dataset", "imagenet1k"], "--data-dir"),
 ])
-def test_configuration_errors_are_clear_and_early(tmp_path, extra, message):
+def test_configuration_errors_are_clear_and_early(tmp_path, extra, message, monkeypatch, capsys):
+    """In process (the script's main, as `python main_vicregl.py` calls it); the subprocess test below
+    shows that the script itself prints the same single line."""
+    import main_vicregl
+    for name in ("IMAGENET_PATH", "IMAGENET_NUMPY_PATH"):
+        monkeypatch.delenv(name, raising=False)
     exp = tmp_path / "exp"
-    env = {k: v for k, v in os.environ.items() if k not in ("IMAGENET_PATH", "IMAGENET_NUMPY_PATH")}
     base = [a for a in TINY if a != "--small-input"] if "convnext_test" in extra else TINY
-    proc = subprocess.run([sys.executable, "main_vicregl.py", *base, "--exp-dir", str(exp), *extra], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    args = main_vicregl.get_args_parser().parse_args([*base, "--exp-dir", str(exp), *extra])
+    with pytest.raises(SystemExit) as exit_info:
+        main_vicregl.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert message in err and err.startswith("error: ")
     assert not (exp / "model.pth").exists()
+
+
+def test_configuration_error_from_the_script_is_one_line(tmp_path):
+    proc = run(tmp_path / "exp", "--alpha", "1.5", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: --alpha must lie in [0, 1], got 1.5"]
 
 
 def test_batch_not_divisible_by_world_size(tmp_path):

@@ -64,20 +64,24 @@ class _Plant:
         return open, (self.marker, "w")
 
 
-@pytest.fixture(params=["zip", "raw"])
-def planted(request, tmp_path):
+def _plant(tmp_path, raw=False):
     """(checkpoint path, marker path): a backbone-looking file whose unpickling would create the marker,
-    as torch.save writes it (zip) and as a bare pickle."""
+    as torch.save writes it, or a bare pickle (``raw``)."""
     marker = tmp_path / "code_ran"
     backbone, _ = models.build_backbone("resnet_test")
     obj = {"model": {f"module.backbone.{k}": v for k, v in backbone.state_dict().items()}, "epoch": 1,
            "optimizer": {}, "hook": _Plant(marker)}
     path = tmp_path / "shared.pth"
-    if request.param == "zip":
-        torch.save(obj, path)
-    else:
+    if raw:
         path.write_bytes(pickle.dumps(_Plant(marker)))
+    else:
+        torch.save(obj, path)
     return path, marker
+
+
+@pytest.fixture
+def planted(tmp_path):
+    return _plant(tmp_path)
 
 
 def _pretrain_with_resume_file(path, tmp_path):
@@ -115,6 +119,13 @@ def test_code_running_pickle_is_refused_by_every_script(path_name, planted, tmp_
     assert "could run code" in line and "--trust-checkpoint" in line and "io.open" in line, line
 
 
+def test_a_bare_code_running_pickle_is_refused_too(tmp_path):
+    """Not a torch.save archive but a bare pickle (the legacy format): refused by name as well."""
+    path, marker = _plant(tmp_path, raw=True)
+    line = one_line_error(run(*LOADING_PATHS["evaluate --pretrained"](path, tmp_path)))
+    assert not marker.exists() and "io.open" in line and "--trust-checkpoint" in line, line
+
+
 def test_code_running_pickle_is_refused_by_the_hub(planted, tmp_path):
     path, marker = planted
     code = ("import sys, torch; torch.hub.load(sys.argv[1], 'resnet50_alpha0p9', source='local', "
@@ -128,6 +139,11 @@ def test_refusal_names_the_objects_and_tells_damage_apart(planted, tmp_path):
     path, marker = planted
     with pytest.raises(checkpoints.UnsafeCheckpointError, match=r"io\.open"):
         checkpoints.read_checkpoint(path)
+    (tmp_path / "raw").mkdir()
+    raw, raw_marker = _plant(tmp_path / "raw", raw=True)
+    with pytest.raises(checkpoints.UnsafeCheckpointError, match=r"io\.open"):
+        checkpoints.read_checkpoint(raw)
+    assert not raw_marker.exists()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((DATA / "fullckpt_lars_format.pth").read_bytes()[:2000])
     garbage = tmp_path / "garbage.pth"

@@ -29,7 +29,7 @@ PRETRAIN = ["main_vicregl.py", "--dataset", "builtin", "--builtin-images", "96",
             "--min_scale_crops", "0.3", "0.1", "--max_scale_crops", "1", "0.4", "--num_matches", "4", "2",
             "--mlp", "32-32", "--maps-mlp", "16-16", "--batch-size", "16", "--num-workers", "0",
             "--log-tensors-interval", "0", "--device", "cpu", "--warmup-epochs", "1", "--base-lr", "0.001",
-            "--evaluate", "--eval-freq", "2", "--val-batch-size", "250"]
+            "--evaluate", "--eval-freq", "2", "--builtin-val-images", "64"]
 EVALUATE = ["evaluate.py", "--dataset", "builtin", "--builtin-size", "32", "--builtin-images", "64",
             "--builtin-val-images", "24", "--crop-size", "32", "--resize-size", "32", "--arch", "resnet_test",
             "--batch-size", "16", "--workers", "0", "--device", "cpu", "--print-freq", "1", "--epochs", "2",
@@ -93,7 +93,7 @@ def expected_points(lines, where):
 @pytest.fixture(scope="module")
 def pretrain(tmp_path_factory):
     """One epoch, a stale event at step 8 (the checkpoint is at step 6), then the second epoch, which
-    ends with the one validation (--eval-freq 2: the 2,000 built-in validation images once)."""
+    ends with the one validation (--eval-freq 2: the 64 built-in validation images once)."""
     exp = tmp_path_factory.mktemp("pretrain")
     run(PRETRAIN, exp, "--epochs", "1")
     plant_stale_event(exp, "train/l", 8)
