@@ -1,33 +1,70 @@
-"""The ten-minute demo (``make demo``): pretrain on the built-in dataset, then compare the result with a
-randomly initialised copy of the same network by k-NN and by a linear probe.
+"""The ten-minute demo: pretrain, then compare the result with a randomly initialised copy of the same
+network by k-NN and by a linear probe, with the same evaluation settings for both.
 
-    python demo.py                      # everything in exp/demo/
-    python demo.py --epochs 5 --quick   # a faster, smaller run
+    python demo.py                                        # the built-in dataset (make demo): exp/demo/
+    python demo.py --data-dir ~/photos                    # your images: ~/photos/{train,val}/<class>/<image>
+    python demo.py --dataset cifar10 --data-dir ~/data --download
+    python demo.py --data-dir ~/photos --minutes 5        # a smaller time budget
 
-It only runs the project's own scripts (main_vicregl.py, evaluate.py) as a user would, one after the
-other, and reads their stats.txt files; everything they wrote stays in --exp-dir. Running it again
-resumes or reuses what is already there.
+The built-in dataset has a fixed recipe (DEMO, PRETRAIN, EVALUATE below). On real images (REAL_*) the run
+sizes itself to --minutes: the random network is evaluated first, which measures what an evaluation
+costs; pretraining then gets the time that is left after a second evaluation of that cost
+(main_vicregl.py --time-budget: it measures its own steps and compresses its learning-rate schedule
+into the steps that fit), and the pretrained network is evaluated exactly as the random one. The k-NN
+bank and the probe's training set are a random subset of the training images, sized to the budget.
+Images of any size work: large ones are first shrunk once (shorter side 32 pixels, the working
+resolution) into a copy in the experiment folder, so that neither pretraining nor evaluation decodes
+large files again and again.
+
+It runs the project's own scripts (main_vicregl.py, evaluate.py) as a user would, one after the other,
+and reads their stats.txt files; everything they wrote stays in --exp-dir, with results.json (and
+results.md) beside. Running it again resumes or reuses what is already there: use another --exp-dir
+for a fresh run.
 """
 import argparse
 import json
+import math
+import multiprocessing
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import datasets
+import utils
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("VICRegL demo on the built-in dataset",
+    p = argparse.ArgumentParser("VICRegL demo: pretrain, then k-NN and a linear probe against a random network",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--exp-dir", type=Path, default=Path("exp/demo"), help="where every output goes")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="your images: DIR/train/<class>/<image> and DIR/val/<class>/<image> (any size, the same "
+                        "class folders in both); with --dataset cifar10/cifar100/stl10, the folder of the official "
+                        "files. Without it, and without --dataset, the built-in dataset")
+    p.add_argument("--dataset", default=None, choices=["imagefolder", "cifar10", "cifar100", "stl10"],
+                   help="how to read --data-dir (default: imagefolder, class folders)")
+    p.add_argument("--download", action="store_true",
+                   help="with --dataset cifar10/cifar100/stl10: download the official files into --data-dir when "
+                        "they are missing (before the clock starts)")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="real images: time budget of the whole run (evaluations included); the built-in "
+                        "dataset's recipe is fixed in epochs instead")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="real images: at most this many pretraining steps (0: as many as fit in --minutes); "
+                        "for a quick check of the pipeline")
+    p.add_argument("--exp-dir", type=Path, default=None,
+                   help="where every output goes (default exp/demo for the built-in dataset, "
+                        "exp/demo-<dataset or folder name> for real images)")
     p.add_argument("--arch", default="resnet_mini", help="backbone (small-input ResNets suit the 32-pixel images)")
-    p.add_argument("--epochs", type=int, default=DEMO["epochs"], help="pretraining epochs")
-    p.add_argument("--probe-epochs", type=int, default=DEMO["probe_epochs"], help="linear-probe epochs")
-    p.add_argument("--images", type=int, default=DEMO["images"], help="built-in training images")
-    p.add_argument("--quick", action="store_true", help="a smaller run (fewer images and epochs): checks the "
-                   "pipeline in a minute or two, too short to learn much")
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"], help="built-in dataset: pretraining epochs")
+    p.add_argument("--probe-epochs", type=int, default=DEMO["probe_epochs"], help="built-in dataset: linear-probe epochs")
+    p.add_argument("--images", type=int, default=DEMO["images"], help="built-in dataset: training images")
+    p.add_argument("--quick", action="store_true", help="built-in dataset: a smaller run (fewer images and epochs): "
+                   "checks the pipeline in a minute or two, too short to learn much")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     return p
 
@@ -44,6 +81,27 @@ EVALUATE = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objec
             "--min-crop-scale", "0.5", "--workers", "1", "--knn"]
 
 
+# The recipe on real images (tuned on CIFAR-10 images at 32 pixels, on a 2-core CPU; see the README).
+# Pretraining runs for the time it is given (--time-budget): --epochs and --warmup-epochs only shape the
+# schedule (the warmup's share of the run); a small dataset may finish its epochs earlier.
+REAL_SIDE = 32  # working resolution: crops of 32 and 16 pixels, evaluation at 32
+REAL_BATCH = 128
+REAL_PRETRAIN = ["--small-input", "--size-crops", "32", "16", "--num-crops", "2", "4",
+                 "--min_scale_crops", "0.3", "0.1", "--max_scale_crops", "1", "0.4", "--num_matches", "8", "2",
+                 "--mlp", "1024-1024-1024", "--maps-mlp", "256-256-256", "--epochs", "100", "--warmup-epochs", "5",
+                 "--optimizer", "adamw", "--base-lr", "0.02", "--weight-decay", "0.01", "--num-workers", "1",
+                 "--channels-last", "--log-tensors-interval", "30"]
+REAL_EVALUATE = ["--crop-size", "32", "--resize-size", "32", "--small-input", "--batch-size", "256",
+                 "--feature-probe", "--epochs", "100", "--lr-head", "0.01", "--weight-decay", "1e-4",
+                 "--workers", "1", "--knn", "--knn-k", "20", "--knn-temperature", "0.07"]
+# Evaluation subsets per minute of budget: extracting features runs at about 700 images/s on 2 cores, so
+# 1,500 images a minute (bank and queries, twice) keep both evaluations to about a tenth of the budget.
+BANK_PER_MINUTE, QUERIES_PER_MINUTE, MIN_BANK, MIN_QUERIES = 1000, 500, 1000, 500
+MIN_TRAIN_IMAGES, MIN_VAL_IMAGES, MIN_PRETRAIN_S = 16, 2, 20.0
+# Start-up and export of the pretraining process, outside the time it measures itself.
+PRETRAIN_OVERHEAD_S = 10.0
+
+
 def brief(line: str) -> str:
     """One short progress line for a JSON stats line (the full line is in stats.txt), or ''."""
     try:
@@ -53,13 +111,19 @@ def brief(line: str) -> str:
     if "st" in stats and "l" in stats:  # main_vicregl.py
         return f"epoch {stats['ep']} step {stats['st']}: loss {stats['l']:.3f}\n"
     if "acc1" in stats and "epoch" in stats:  # evaluate.py
-        return f"probe epoch {stats['epoch']}: val top-1 {stats['acc1']:.1f}%\n"
+        if stats.get("summary") or (stats["epoch"] + 1) % 10 == 0 or stats["epoch"] < 1:
+            return f"probe epoch {stats['epoch']}: val top-1 {stats['acc1']:.1f}%\n"
+        return ""
+    if "knn_top1" in stats and "summary" not in stats:
+        return f"k-NN top-1 {stats['knn_top1']:.1f}%\n"
     return ""
 
 
-def run(cmd, log: Path) -> None:
-    """Run one of the project's scripts, showing its output and keeping a copy in ``log``."""
+def run(cmd: List[str], log: Path) -> float:
+    """Run one of the project's scripts, showing its output and keeping a copy in ``log``; returns the
+    seconds it took."""
     print("$ " + " ".join(cmd), flush=True)
+    start = time.time()
     with open(log, "a") as f:
         proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -70,7 +134,8 @@ def run(cmd, log: Path) -> None:
                 sys.stdout.write("  " + text)
                 sys.stdout.flush()
         if proc.wait() != 0:
-            sys.exit(f"demo: {cmd[0]} failed (exit {proc.returncode}); see {log}")
+            raise UserError(f"{cmd[0]} failed (exit {proc.returncode}); its output is in {log}")
+    return time.time() - start
 
 
 def summary(exp: Path) -> dict:
@@ -79,30 +144,207 @@ def summary(exp: Path) -> dict:
     return [l for l in lines if l.get("summary")][-1]
 
 
-def main() -> None:
-    args = get_args_parser().parse_args()
+def pretrain_steps(exp: Path) -> int:
+    """Steps done by a main_vicregl.py run: the last logged step + 1 (0 without a log line)."""
+    steps = [json.loads(l).get("st", -1) for l in (exp / "stats.txt").read_text().splitlines() if l.startswith("{")]
+    return max(steps, default=-1) + 1
+
+
+# ----------------------------------------------------------------------------- sizing (real images)
+
+def batch_size_for(train_images: int, batch: int = REAL_BATCH) -> int:
+    """The pretraining batch: ``batch``, or for a small training set the largest power of two that
+    leaves at least two batches per epoch."""
+    fit = 2 ** int(math.log2(max(train_images // 2, 1)))
+    return min(batch, fit)
+
+
+def eval_subsets(train_images: int, val_images: int, minutes: float) -> Tuple[int, int]:
+    """(k-NN bank and probe training images, validation images) for a budget of ``minutes``: a share of
+    the budget (BANK_PER_MINUTE, QUERIES_PER_MINUTE, with a floor), never more than there are."""
+    bank = max(MIN_BANK, round(BANK_PER_MINUTE * minutes))
+    queries = max(MIN_QUERIES, round(QUERIES_PER_MINUTE * minutes))
+    return min(train_images, bank), min(val_images, queries)
+
+
+def pretrain_minutes(minutes: float, elapsed_s: float, eval_s: float,
+                     overhead_s: float = PRETRAIN_OVERHEAD_S) -> float:
+    """The pretraining's --time-budget (minutes): what is left of ``minutes`` after ``elapsed_s`` seconds
+    so far, the second evaluation (``eval_s``, as long as the first) and the pretraining process's own
+    start-up and export. A UserError when less than MIN_PRETRAIN_S seconds would be left."""
+    left = minutes * 60 - elapsed_s - eval_s - overhead_s
+    if left < MIN_PRETRAIN_S:
+        raise UserError(f"--minutes {minutes:g} is too short for this data: the evaluations take "
+                        f"{eval_s:.0f} s each and {left:.0f} s would be left to pretrain (at least "
+                        f"{MIN_PRETRAIN_S:.0f} s needed)")
+    return left / 60
+
+
+# ----------------------------------------------------------------------------- real images
+
+def check_data(dataset: str, data_dir: Path, download: bool) -> Dict[str, int]:
+    """Counts of a real dataset, {"train": .., "val": .., "classes": ..}; anything unusable (missing
+    folder, no classes, too few images, class folders that differ between train/ and val/) is a
+    one-line UserError."""
+    name = "imagenet1k" if dataset == "imagefolder" else dataset
+    try:
+        train = datasets.build_dataset(name, data_dir, "train", download=download)
+        val = datasets.build_dataset(name, data_dir, "val")
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    if getattr(train, "num_classes", 0) < 2:
+        raise UserError(f"{data_dir}: the demo compares classifiers and needs at least 2 classes, found "
+                        f"{getattr(train, 'num_classes', 0)}")
+    if dataset == "imagefolder" and train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise UserError(f"{data_dir}/train and {data_dir}/val must have the same class folders "
+                        f"({len(train.classes)} and {len(val.classes)}; e.g. '{only[0]}' is in one only)")
+    if len(train) < MIN_TRAIN_IMAGES or len(val) < MIN_VAL_IMAGES:
+        raise UserError(f"{data_dir}: {len(train)} training and {len(val)} validation images; the demo needs "
+                        f"at least {MIN_TRAIN_IMAGES} and {MIN_VAL_IMAGES}")
+    return {"train": len(train), "val": len(val), "classes": train.num_classes}
+
+
+def _shorter_side(path: str) -> int:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return min(im.size)
+    except (OSError, SyntaxError, ValueError):
+        return 0
+
+
+def needs_shrinking(paths: List[str], side: int, sample: int = 64) -> bool:
+    """Whether images are larger than twice ``side`` (shorter side), judged on up to ``sample`` files
+    spread over ``paths``."""
+    step = max(len(paths) // sample, 1)
+    return any(_shorter_side(p) > 2 * side for p in paths[::step][:sample])
+
+
+def _shrink_one(job: Tuple[str, str, int]) -> bool:
+    """Write ``src`` with its shorter side resized to ``side`` (never enlarged) as a PNG ``dst``; False
+    when ``src`` cannot be read (it is left out, as the training scripts would skip it)."""
+    from PIL import Image
+    src, dst, side = job
+    try:
+        with Image.open(src) as im:
+            im.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, at least side x side
+            im = im.convert("RGB")
+            scale = side / min(im.size)
+            if scale < 1:
+                im = im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale))),
+                               Image.BICUBIC)
+            im.save(dst, format="PNG")
+        return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def working_images(data_dir: Path, exp: Path, side: int = REAL_SIDE) -> Path:
+    """The class folders to train on: ``data_dir`` itself when its images are small already, else a copy
+    under ``exp/images-<side>px`` with every image's shorter side shrunk to ``side`` pixels (made once,
+    in parallel; a finished copy is reused)."""
+    samples = {split: datasets.ImageFolderDataset(data_dir / split).samples for split in ("train", "val")}
+    if not needs_shrinking([path for path, _ in samples["train"]], side):
+        return data_dir
+    out = exp / f"images-{side}px"
+    if (out / ".complete").is_file():
+        return out
+    jobs = []
+    for split, items in samples.items():
+        for path in (Path(p) for p, _ in items):
+            dst = out / split / path.parent.name / f"{path.name}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((str(path), str(dst), side))
+    print(f"shrinking {len(jobs)} images to a shorter side of {side} pixels into {out}", flush=True)
+    with multiprocessing.Pool(2) as pool:
+        ok = sum(pool.imap_unordered(_shrink_one, jobs, chunksize=64))
+    if ok < len(jobs):
+        print(f"warning: {len(jobs) - ok} unreadable images left out", flush=True)
+    (out / ".complete").write_text(f"{ok} images from {data_dir}\n")
+    return out
+
+
+def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
+    """Pretraining and both evaluations on real images within --minutes; (exp, results, description)."""
+    dataset = args.dataset or "imagefolder"
+    if args.data_dir is None:
+        raise UserError(f"--dataset {dataset} needs --data-dir")
+    if args.minutes <= 0 or args.max_steps < 0:
+        raise UserError(f"--minutes must be > 0 and --max-steps >= 0 (got {args.minutes:g}, {args.max_steps})")
+    counts = check_data(dataset, args.data_dir, args.download)  # downloads, if asked, before the clock starts
+    start = time.time()
+    exp = (args.exp_dir or Path("exp") / f"demo-{dataset if dataset != 'imagefolder' else args.data_dir.resolve().name}").resolve()
+    exp.mkdir(parents=True, exist_ok=True)
+    data_dir = working_images(args.data_dir, exp) if dataset == "imagefolder" else args.data_dir
+    name = "imagenet1k" if dataset == "imagefolder" else dataset
+    data = ["--dataset", name, "--data-dir", str(data_dir), "--arch", args.arch, "--device", args.device]
+    bank, queries = eval_subsets(counts["train"], counts["val"], args.minutes)
+    evaluate = ["evaluate.py", *REAL_EVALUATE, *data, "--train-images", str(bank), "--val-images", str(queries)]
+
+    eval_s = run([*evaluate, "--exp-dir", str(exp / "eval_random")], exp / "eval_random.log")
+    budget = pretrain_minutes(args.minutes, time.time() - start, eval_s)
+    cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    run(["main_vicregl.py", *REAL_PRETRAIN, *data, "--batch-size", str(batch_size_for(counts["train"])),
+         "--time-budget", f"{budget:.3f}", *cap, "--exp-dir", str(exp / "pretrain")], exp / "pretrain.log")
+    run([*evaluate, "--pretrained", str(exp / "pretrain" / "backbone.pth"), "--exp-dir", str(exp / "eval_pretrained")],
+        exp / "eval_pretrained.log")
+    results = {name: summary(exp / f"eval_{name}") for name in ("random", "pretrained")}
+    what = (f"{args.data_dir} ({dataset}), {counts['classes']} classes (chance {100 / counts['classes']:.0f}%); "
+            f"{pretrain_steps(exp / 'pretrain')} pretraining steps; k-NN bank and probe on {bank} training "
+            f"images, {queries} validation images")
+    return exp, results, what
+
+
+# ----------------------------------------------------------------------------- built-in dataset
+
+def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
+    """The fixed built-in recipe; (exp, results, description)."""
     if args.quick:
         args.epochs, args.probe_epochs, args.images = 2, 2, 512
-    exp = args.exp_dir.resolve()
+    exp = (args.exp_dir or Path("exp/demo")).resolve()
     exp.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     common = ["--arch", args.arch, "--device", args.device]
-    run(["main_vicregl.py", *PRETRAIN, *common, "--builtin-images", str(args.images), "--epochs", str(args.epochs),
-         "--exp-dir", str(exp / "pretrain")], exp / "pretrain.log")
-    results = {}
     for name, extra in (("random", []), ("pretrained", ["--pretrained", str(exp / "pretrain" / "backbone.pth")])):
-        out = exp / f"eval_{name}"
+        if name == "pretrained":
+            run(["main_vicregl.py", *PRETRAIN, *common, "--builtin-images", str(args.images), "--epochs",
+                 str(args.epochs), "--exp-dir", str(exp / "pretrain")], exp / "pretrain.log")
         run(["evaluate.py", *EVALUATE, *common, *extra, "--builtin-images", str(args.images),
-             "--epochs", str(args.probe_epochs), "--exp-dir", str(out)], exp / f"eval_{name}.log")
-        results[name] = summary(out)
+             "--epochs", str(args.probe_epochs), "--exp-dir", str(exp / f"eval_{name}")], exp / f"eval_{name}.log")
+    results = {name: summary(exp / f"eval_{name}") for name in ("random", "pretrained")}
+    return exp, results, "built-in dataset, 10 classes (chance 10%)"
+
+
+# ----------------------------------------------------------------------------- results
+
+def results_json(results: Dict[str, dict], minutes: float) -> dict:
+    """What results.json holds: k-NN and probe top-1 (%) of each backbone (the probe's best epoch, as
+    evaluate.py reports it) and the run's wall-clock minutes."""
+    return {**{name: {"knn_top1": round(s["knn_top1"], 2), "linear_top1": round(s["best_acc1"], 2)}
+               for name, s in results.items()}, "minutes": round(minutes, 2)}
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file and rename it: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
+    start = time.time()
+    real = args.data_dir is not None or args.dataset is not None
+    exp, results, what = real_demo(args) if real else builtin_demo(args)
     minutes = (time.time() - start) / 60
+    out = results_json(results, minutes)
     table = [f"| backbone ({args.arch}) | k-NN top-1 (%) | linear probe top-1 (%) |", "|---|---|---|"]
-    for name, s in results.items():
-        table.append(f"| {name} | {s['knn_top1']:.1f} | {s['best_acc1']:.1f} |")
+    table += [f"| {name} | {out[name]['knn_top1']:.1f} | {out[name]['linear_top1']:.1f} |" for name in results]
     text = "\n".join(table)
-    (exp / "results.md").write_text(text + f"\n\n{minutes:.1f} minutes, built-in dataset, 10 classes (chance 10%)\n")
-    print(f"\n{text}\n\nbuilt-in dataset, 10 classes (chance 10%); {minutes:.1f} minutes; outputs in {exp}")
+    write_text(exp / "results.json", json.dumps({**out, "data": what}, indent=1) + "\n")
+    write_text(exp / "results.md", f"{text}\n\n{what}; {minutes:.1f} minutes\n")
+    print(f"\n{text}\n\n{what}; {minutes:.1f} minutes; outputs in {exp}")
 
 
 if __name__ == "__main__":
-    main()
+    utils.exit_on_user_error(main)()

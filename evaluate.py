@@ -29,7 +29,7 @@ import models
 import training
 import utils
 from models.checkpoints import CheckpointError, load_backbone_weights
-from models.knn import knn_evaluate, topk_correct, unpadded_mask
+from models.knn import extract_features, knn_accuracy, knn_evaluate, topk_correct, unpadded_mask
 from transforms import eval_transform, linear_train_transform
 from utils import UserError
 
@@ -72,6 +72,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--min-crop-scale", type=float, default=0.08,
                    help="smallest area fraction of the random-resized training crops (the reference's 0.08); "
                         "larger values suit small images such as the built-in dataset's")
+    g.add_argument("--train-images", type=int, default=0,
+                   help="use this many training images, drawn at random (--seed), for the probe and the k-NN "
+                        "bank (0: all): bounds the evaluation's time on large datasets")
+    g.add_argument("--val-images", type=int, default=0,
+                   help="validate on this many validation images, drawn at random (--seed) (0: all)")
     g.add_argument("--builtin-images", type=int, default=4096, help="training images of --dataset builtin")
     g.add_argument("--builtin-val-images", type=int, default=1024, help="validation images of --dataset builtin")
     g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
@@ -114,6 +119,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--knn", action="store_true",
                    help="also evaluate a weighted k-NN classifier on the frozen features (before training)")
     g.add_argument("--knn-only", action="store_true", help="run the k-NN evaluation only, no linear training")
+    g.add_argument("--feature-probe", action="store_true",
+                   help="linear probe on features computed once (centre crops as for the k-NN bank, no "
+                        "augmentation; standardised with the training features' mean and std, which are then "
+                        "folded into the head) instead of on augmented crops every epoch: the frozen backbone "
+                        "runs once instead of --epochs times, so the probe takes seconds on a CPU. Needs "
+                        "--weights freeze")
     g.add_argument("--knn-k", type=int, default=20, help="number of neighbours")
     g.add_argument("--knn-temperature", type=float, default=0.07,
                    help="neighbours vote with weight exp(cosine similarity / temperature)")
@@ -161,6 +172,10 @@ def check_args(args: argparse.Namespace) -> None:
                         f"{args.knn_temperature})")
     if args.print_freq < 1 or args.stop_after_epochs < 0 or args.workers < 0:
         raise UserError("--print-freq must be >= 1, --stop-after-epochs and --workers >= 0")
+    if args.feature_probe and args.weights != "freeze":
+        raise UserError("--feature-probe trains the head on fixed features: it needs --weights freeze")
+    if args.train_images < 0 or args.val_images < 0:
+        raise UserError(f"--train-images and --val-images must be >= 0 (got {args.train_images}, {args.val_images})")
     if args.train_files is not None and not args.train_files.is_file():
         raise UserError(f"--train-files {args.train_files}: no such file")
     if args.tensorboard:
@@ -260,6 +275,17 @@ def select_files(dataset: Dataset, entries: Sequence[str], source: str) -> Subse
     return subset
 
 
+def random_subset(dataset: Dataset, count: int, seed: int) -> Dataset:
+    """``count`` samples of ``dataset`` drawn without replacement (the same ones for a given seed), in
+    dataset order; the dataset itself when ``count`` is 0 or at least its size."""
+    if count <= 0 or count >= len(dataset):
+        return dataset
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    subset = Subset(dataset, chosen.sort().values.tolist())
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
 def build_data(args, info: utils.DistInfo):
     """(train loader, val loader, k-NN train loader or None, number of classes)."""
     kw = dict(from_numpy=args.dataset_from_numpy, image_size=args.builtin_size,
@@ -290,11 +316,18 @@ def build_data(args, info: utils.DistInfo):
                   + (f"; {train_set.unmatched} listed entries match no image" if train_set.unmatched else "")
                   + (f"; {train_set.ambiguous} names match several images (write <class>/<name> to pick one)"
                      if train_set.ambiguous else ""), flush=True)
-    if len(train_set) < args.batch_size and not args.knn_only:
+    if (args.train_images and args.train_images < len(train_set)) or (args.val_images and args.val_images < len(val_set)):
+        if info.rank == 0:
+            print(f"evaluating on {min(args.train_images or len(train_set), len(train_set))} of {len(train_set)} "
+                  f"training and {min(args.val_images or len(val_set), len(val_set))} of {len(val_set)} validation "
+                  f"images, drawn at random (--train-images, --val-images)", flush=True)
+        train_set = random_subset(train_set, args.train_images, args.seed)
+        val_set = random_subset(val_set, args.val_images, args.seed)
+    if len(train_set) < args.batch_size and not args.knn_only and not args.feature_probe:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
     try:
         train_loader = None
-        if not args.knn_only:
+        if not args.knn_only and not args.feature_probe:
             train_loader = datasets.build_loader(WithTransform(train_set, linear_train_transform(args.crop_size, args.min_crop_scale)),
                                                  args.batch_size, info.world_size, info.rank, train=True,
                                                  num_workers=args.workers, seed=args.seed,
@@ -302,7 +335,7 @@ def build_data(args, info: utils.DistInfo):
         val_loader = datasets.build_loader(val_set, args.batch_size, info.world_size, info.rank, train=False,
                                            num_workers=args.workers, pin_memory=info.device.type == "cuda")
         knn_loader = None
-        if args.knn or args.knn_only:  # the training images, unaugmented, in order: the k-NN bank
+        if args.knn or args.knn_only or args.feature_probe:  # the training images, unaugmented, in order
             knn_loader = datasets.build_loader(WithTransform(train_set, val_tf), args.batch_size,
                                                info.world_size, info.rank, train=False, num_workers=args.workers,
                                                pin_memory=info.device.type == "cuda")
@@ -450,6 +483,50 @@ def validate(model: nn.Module, loader, device) -> Dict[str, float]:
                 acc5=round(100 * float(sums[2]) / n, 4))
 
 
+@torch.no_grad()
+def head_metrics(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Mean loss, top-1 and top-5 (%) of ``head`` on features (N, C) with labels (N,)."""
+    logits = head(features)  # (N, num_classes)
+    hits = topk_correct(logits, labels, (1, 5)).double()
+    n = max(labels.shape[0], 1)
+    return dict(val_loss=round(float(F.cross_entropy(logits, labels)), 6), acc1=round(100 * float(hits[0]) / n, 4),
+                acc5=round(100 * float(hits[1]) / n, 4))
+
+
+def probe_on_features(model: LinearClassifier, optimizer, scheduler, features, args, logger,
+                      start: float) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """--feature-probe: ``model.head`` trained for --epochs on fixed features (SGD and schedule of
+    ``build_optimizer``, shuffled batches of --batch-size, seeded by --seed). ``features`` is (train
+    (N, C), train labels (N,), val (M, C), val labels (M,)), the backbone's pooled outputs. The head sees
+    them standardised (training mean and std per channel: the comparison of two backbones does not
+    depend on the scale of their features); the standardisation is folded into it at the end, so that
+    ``model`` maps images to logits as usual. Returns (last, best) validation metrics."""
+    train_f, train_y, val_f, val_y = features
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)  # (C,)
+    train_z, val_z = (train_f - mean) / std, (val_f - mean) / std
+    order = torch.Generator().manual_seed(args.seed)
+    steps = -(-train_y.shape[0] // args.batch_size)
+    last, best = None, dict(acc1=0.0, acc5=0.0)
+    for epoch in range(args.epochs):
+        lr, loss_sum = optimizer.param_groups[0]["lr"], 0.0
+        for idx in torch.randperm(train_y.shape[0], generator=order).to(train_z.device).split(args.batch_size):
+            loss = F.cross_entropy(model.head(train_z[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * idx.shape[0]
+        last = head_metrics(model.head, val_z, val_y)
+        best = dict(acc1=max(best["acc1"], last["acc1"]), acc5=max(best["acc5"], last["acc5"]))
+        logger.log(dict(epoch=epoch, loss=round(loss_sum / max(train_y.shape[0], 1), 6), **last, best_acc1=best["acc1"],
+                        best_acc5=best["acc5"], lr_head=lr, lr_backbone=0.0, time=int(time.time() - start)),
+                   step=(epoch + 1) * steps - 1, group="epoch")
+        scheduler.step()
+    with torch.no_grad():  # head(z) with z = (f - mean) / std  ==  (W / std) f + (b - (W / std) mean)
+        model.head.weight.div_(std)
+        model.head.bias.sub_(model.head.weight @ mean)
+    return last, best
+
+
 def run(args) -> None:
     try:
         info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
@@ -474,15 +551,25 @@ def run(args) -> None:
         start_epoch, best, knn = ckpt["epoch"], dict(ckpt["best_acc"]), ckpt.get("knn")
     # TensorBoard's global step: epoch * steps per epoch + step
     logger = utils.JsonLogger(args.exp_dir, main_proc, args.tensorboard,
-                              purge_step=None if args.knn_only else start_epoch * len(train_loader))
+                              purge_step=None if args.knn_only or train_loader is None
+                              else start_epoch * len(train_loader))
     if ckpt is not None and main_proc:
         print(f"resuming from {ckpt_path}: epoch {start_epoch}, best top-1 {best['acc1']:.2f}", flush=True)
 
+    # --feature-probe: the pooled features of the bank and of the validation images, computed once
+    features = None
+    if args.feature_probe and start_epoch < args.epochs:
+        features = (*extract_features(model.backbone, knn_loader, info.device, normalize=False),
+                    *extract_features(model.backbone, val_loader, info.device, normalize=False))
     # k-NN on the frozen features, before any training (a resumed run has it in its checkpoint)
-    if knn_loader is not None and start_epoch == 0:
+    if knn_loader is not None and start_epoch == 0 and (args.knn or args.knn_only):
         t = time.time()
-        knn = knn_evaluate(model.backbone, knn_loader, val_loader, info.device, args.knn_k, args.knn_temperature,
-                           num_classes=num_classes)
+        if features is not None:
+            knn = knn_accuracy(F.normalize(features[0], dim=1), features[1], F.normalize(features[2], dim=1),
+                               features[3], args.knn_k, args.knn_temperature, num_classes=num_classes)
+        else:
+            knn = knn_evaluate(model.backbone, knn_loader, val_loader, info.device, args.knn_k,
+                               args.knn_temperature, num_classes=num_classes)
         logger.log(dict(knn_k=args.knn_k, knn_temperature=args.knn_temperature, knn_top1=round(knn["top1"], 4),
                         knn_top5=round(knn["top5"], 4), time=round(time.time() - t, 1)), step=0, group="knn")
     knn_loader = None  # its persistent workers are not needed any more
@@ -499,6 +586,10 @@ def run(args) -> None:
             broadcast_buffers=args.weights == "finetune")  # a frozen backbone's buffers never change
     last = None
     stop_at = args.epochs if not args.stop_after_epochs else min(args.epochs, start_epoch + args.stop_after_epochs)
+    if features is not None:  # every epoch at once, on the features: nothing left for the loop below
+        last, best = probe_on_features(model, optimizer, scheduler, features, args, logger, start)
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, args.epochs, best, knn, args)
+        start_epoch = stop_at = args.epochs
     for epoch in range(start_epoch, stop_at):
         lrs = [g["lr"] for g in optimizer.param_groups]
         skipped_before = datasets.skipped_images(train_loader)

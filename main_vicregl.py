@@ -14,7 +14,7 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -120,12 +120,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=0,
                    help="stop after this many optimisation steps (0: no cap); a cap below --epochs' steps "
                         "compresses their schedule into it: the warmup keeps its share (--warmup-epochs out of "
-                        "--epochs) and the cosine ends at the last step")
+                        "--epochs) and the cosine ends at the last step (with --time-budget the clock sets the schedule and "
+                        "this only caps the steps)")
     g.add_argument("--time-budget", type=float, default=0.0,
-                   help="minutes this run may take (0: no limit): the time per step is measured over its first "
-                        "steps, the steps that fit in the budget are then fixed (saved in model.pth, so that a "
-                        "resumed run keeps them) and the schedule is compressed into them as with --max-steps; "
-                        "the run ends cleanly when they are done, or earlier if time runs out")
+                   help="minutes of training (0: no limit), counted from the start of the run (data and model "
+                        "building included; a resumed run continues the count saved in model.pth): the "
+                        "learning-rate schedule (warmup and cosine, shaped by --warmup-epochs out of --epochs) "
+                        "follows the clock instead of the steps, and the run ends cleanly, checkpoint and "
+                        "backbone written, when one more step would overrun the budget (or after --epochs / "
+                        "--max-steps, if they come first)")
     g.add_argument("--batch-size", type=int, default=512,
                    help="global batch size (split evenly over the processes)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"], help="optimiser")
@@ -378,6 +381,15 @@ class StopSignal:
             return False
         return self.agree(self.flag)
 
+    def agree_clock(self, used: float, done: bool) -> Tuple[float, bool]:
+        """(process 0's ``used``, whether ``done`` holds in any process), in one collective on the CPU
+        group: a --time-budget run takes its position in the schedule from one clock."""
+        if self.group is None:
+            return used, done
+        t = torch.tensor([used if dist.get_rank() == 0 else 0.0, float(done)], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t[0]), bool(t[1] > 0)
+
     def agree(self, flag: bool) -> bool:
         """Whether ``flag`` holds in any process, on the CPU group (every process calls it at the same
         step). Decisions taken on each process's own clock, such as when to log, go through here:
@@ -471,11 +483,10 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     steps_per_epoch = len(train_loader)
     epoch_steps = args.epochs * len(train_set) // args.batch_size
     warmup_epoch_steps = args.warmup_epochs * len(train_set) // args.batch_size
-    # --time-budget: the steps that fit, measured in this run or in the run it resumes
-    args.budget_steps = ((ckpt or {}).get("args") or {}).get("budget_steps") if args.time_budget else None
-    budget = training.StepBudget(args.time_budget * 60, start) if args.time_budget and not args.budget_steps else None
-    cap = min([s for s in (args.max_steps, args.budget_steps) if s] or [0])
-    total_steps, warmup_steps = training.schedule_steps(epoch_steps, warmup_epoch_steps, cap)
+    total_steps, warmup_steps = training.schedule_steps(epoch_steps, warmup_epoch_steps, args.max_steps)
+    # --time-budget: the schedule follows the clock, counting the time of the run this one resumes
+    args.budget_used_s = ((ckpt or {}).get("args") or {}).get("budget_used_s") or 0.0
+    clock = training.TimeBudget(args.time_budget * 60, start, args.budget_used_s) if args.time_budget else None
     stop = StopSignal(stop_signals)
     last_log, pending = time.time(), None
     progress = training.Progress(logger, total_steps, args.batch_size,
@@ -490,12 +501,21 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         position = skip  # steps done in this epoch
         for i, batch in enumerate(loader_iter, start=skip):
             step = epoch * steps_per_epoch + i
-            if budget is not None and stop.agree(budget.exceeded(time.time())):
-                total_steps = step  # out of time before the estimated steps were done: end here
+            if clock is None:
+                lr = utils.learning_schedule(step, args.batch_size, args.base_lr, args.end_lr_ratio, total_steps,
+                                             warmup_steps)
+            else:  # the position in the schedule of --epochs is the share of the budget used
+                now = time.time()
+                clock.tick(now)
+                # process 0's clock, so that every process sets the same rate
+                args.budget_used_s, spent = stop.agree_clock(clock.used(now), clock.done(now))
+                if spent:
+                    total_steps = step  # the budget is spent: end here
+                lr = utils.learning_schedule(min(args.budget_used_s / clock.seconds, 1.0) * epoch_steps,
+                                             args.batch_size, args.base_lr, args.end_lr_ratio, epoch_steps,
+                                             warmup_epoch_steps)
             if step >= total_steps:
                 break
-            lr = utils.learning_schedule(step, args.batch_size, args.base_lr, args.end_lr_ratio,
-                                         total_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             views, locations, labels = to_device(batch, info.device, args.channels_last)
@@ -526,10 +546,6 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
                 last_log = time.time()
             progress.show(step + 1, f"ep {epoch} step {i + 1}/{steps_per_epoch}", lambda: float(loss))
             position = i + 1
-            if budget is not None and budget.fixed is None:
-                total_steps, warmup_steps = fit_to_budget(budget, step + 1, epoch_steps, warmup_epoch_steps,
-                                                          args, total_steps, warmup_steps, main_proc)
-                progress.total = total_steps
             if stop.requested(step, info.device):
                 check_pending(pending, None)
                 save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc)
@@ -558,24 +574,6 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
             print()
         print(f"done: {args.exp_dir / 'backbone.pth'} ({utils.hms(time.time() - start)})", flush=True)
     return None
-
-
-def fit_to_budget(budget: training.StepBudget, steps_done: int, epoch_steps: int, warmup_epoch_steps: int,
-                  args, total_steps: int, warmup_steps: int, main_proc: bool):
-    """(total, warmup) steps of the schedule after ``steps_done`` steps of a --time-budget run: the
-    budget's estimate (process 0's, so that all processes agree), capped by --max-steps. Once the
-    estimate is fixed it goes into ``args.budget_steps`` (saved with the checkpoints)."""
-    estimate = budget.after_step(steps_done, time.time())
-    if estimate is None:
-        return total_steps, warmup_steps
-    estimate = utils.sum_over_processes(estimate if main_proc else 0)
-    if budget.fixed is not None:
-        budget.fixed = args.budget_steps = estimate
-        if main_proc:
-            print(f"--time-budget {args.time_budget:g} min: {estimate} steps fit "
-                  f"({(time.time() - budget.start) / 60:.1f} min for the first {steps_done})", flush=True)
-    return training.schedule_steps(epoch_steps, warmup_epoch_steps,
-                                   min(estimate, args.max_steps) if args.max_steps else estimate)
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,

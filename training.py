@@ -9,7 +9,7 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -160,6 +160,50 @@ def save_state(path: Path, make_state: Callable[[], dict], main_proc: bool) -> N
             error = str(e)
     if utils.any_process(error is not None):
         raise UserError(error or f"process 0 could not write {path}")
+
+
+# ----------------------------------------------------------------------------- step caps and time budgets
+
+def schedule_steps(epoch_steps: int, warmup_epoch_steps: int, max_steps: int = 0) -> Tuple[int, int]:
+    """(total, warmup) steps of the learning-rate schedule.
+
+    ``epoch_steps`` and ``warmup_epoch_steps`` are those of --epochs and --warmup-epochs. A cap
+    ``max_steps`` below ``epoch_steps`` compresses that schedule into ``max_steps``: the warmup keeps
+    its share of the run (rounded, at least one step when there was one), and the cosine ends at the
+    last step. 0 (no cap) or a cap at least ``epoch_steps`` leaves it unchanged.
+    """
+    if max_steps <= 0 or max_steps >= epoch_steps:
+        return epoch_steps, warmup_epoch_steps
+    warmup = round(warmup_epoch_steps * max_steps / max(epoch_steps, 1))
+    return max_steps, max(warmup, 1) if warmup_epoch_steps > 0 else 0
+
+
+class TimeBudget:
+    """A time budget for a training loop whose learning-rate schedule follows the clock.
+
+    The share of ``seconds`` used so far (``used(now) / seconds``) is the run's position in its
+    schedule. A schedule sized in steps from a rate measured at the start would end too early or too
+    late whenever the machine gets busier or quieter; one that follows the clock ends with the budget.
+    Time counts from ``start`` (a ``time.time()`` value) plus ``used_before`` seconds of the runs this
+    one resumes. Call ``tick(now)`` at the start of every step; ``done(now)`` says whether another step,
+    as long as the last one, would overrun the budget.
+    """
+
+    def __init__(self, seconds: float, start: float, used_before: float = 0.0):
+        self.seconds, self.start, self.used_before = seconds, start, used_before
+        self.last_tick: Optional[float] = None
+        self.step_s = 0.0  # duration of the last step (data loading included)
+
+    def used(self, now: float) -> float:
+        return self.used_before + now - self.start
+
+    def tick(self, now: float) -> None:
+        if self.last_tick is not None:
+            self.step_s = now - self.last_tick
+        self.last_tick = now
+
+    def done(self, now: float) -> bool:
+        return self.used(now) + self.step_s >= self.seconds
 
 
 # ----------------------------------------------------------------------------- entry points

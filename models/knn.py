@@ -155,8 +155,10 @@ def _images(batch) -> Tensor:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, device, gather: bool = True) -> Tuple[Tensor, Tensor]:
-    """L2-normalised pooled features and labels of every sample of ``loader``'s dataset.
+def extract_features(backbone: nn.Module, loader, device, gather: bool = True,
+                     normalize: bool = True) -> Tuple[Tensor, Tensor]:
+    """L2-normalised pooled features and labels of every sample of ``loader``'s dataset (with
+    ``normalize=False`` the pooled features as the backbone returns them, in float32).
 
     ``backbone(images)`` returns ``(maps, pooled)`` (or a (B, C) tensor), run in eval mode without
     gradients (its mode is restored afterwards). A batch is ``(images, labels)``; when ``images`` is
@@ -174,7 +176,7 @@ def extract_features(backbone: nn.Module, loader, device, gather: bool = True) -
         for batch in loader:
             out = backbone(_images(batch).to(device, non_blocking=True))
             pooled = out[1] if isinstance(out, (tuple, list)) else out  # (B, C)
-            features.append(F.normalize(pooled.float(), dim=1))
+            features.append(F.normalize(pooled.float(), dim=1) if normalize else pooled.float())
             labels.append(batch[1].to(device, non_blocking=True))
     finally:
         backbone.train(was_training)
