@@ -330,10 +330,8 @@ def results_json(results: Dict[str, dict], minutes: float) -> dict:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file and rename it: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write ``text`` atomically (a reader never sees half a file; a failed write is one line)."""
+    utils.save_atomic(text.encode(), str(path), write=lambda data, f: f.write(data))
 
 
 def main() -> None:

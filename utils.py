@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -394,17 +394,17 @@ def hms(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------- files and errors
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a crash
-    while writing never leaves a truncated file in place of the last good one. A failed write (full
-    disk, read-only or vanished folder) raises UserError naming the path and the cause; the previous
-    file is left as it was."""
+def save_atomic(obj, path: str, write: Optional[Callable] = None) -> None:
+    """``write(obj, file)`` (torch.save by default) to a temporary file in the same folder, fsync, then
+    rename over ``path``: a crash while writing never leaves a truncated file in place of the last good
+    one. A failed write (full disk, read-only or vanished folder) raises UserError naming the path and
+    the cause; the previous file is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
