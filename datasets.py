@@ -199,8 +199,9 @@ class NumpyListDataset(ImageFileDataset):
 # Built-in procedural dataset
 # --------------------------------------------------------------------------------------------
 
+# Class c is a texture, TEXTURES[c]; the outline (SHAPES) is drawn at random and carries no class.
 SHAPES = ("disk", "square", "triangle", "star", "ring")
-TEXTURES = ("stripes", "checker", "dots", "plain")
+TEXTURES = ("stripes", "checker", "dots", "grid", "waves", "rings", "hexagons", "zigzag", "lines", "blobs")
 _SPLIT_STREAMS = {"train": 0, "val": 1}
 
 
@@ -220,72 +221,98 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape}")
 
 
-def _texture(texture: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float) -> np.ndarray:
-    """Boolean pattern selecting the object's second colour."""
+def _texture(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Boolean pattern selecting the object's second colour. (x, y) are the object's rotated
+    coordinates in radians of the pattern's period, so every texture repeats at the same scale."""
     if texture == "stripes":
-        return np.sin(freq * u + phase) > 0
+        return np.sin(x) > 0
     if texture == "checker":
-        return np.sin(freq * u + phase) * np.sin(freq * v + phase) > 0
+        return np.sin(x) * np.sin(y) > 0
     if texture == "dots":
-        return np.cos(freq * u + phase) + np.cos(freq * v + phase) > 1.0
-    if texture == "plain":
-        return np.zeros(u.shape, dtype=bool)
+        return np.cos(x) + np.cos(y) > 1.0
+    if texture == "grid":  # thin lines both ways
+        return np.maximum(np.cos(x), np.cos(y)) > 0.8
+    if texture == "waves":
+        return np.sin(x + 1.5 * np.sin(0.5 * y)) > 0
+    if texture == "rings":  # concentric around a point near the object's centre
+        cx, cy = rng.uniform(-4.0, 4.0, 2)
+        return np.sin(np.sqrt((x - cx) ** 2 + (y - cy) ** 2)) > 0
+    if texture == "hexagons":  # dots on a triangular lattice
+        return np.cos(x) + np.cos(-0.5 * x + 0.866 * y) + np.cos(-0.5 * x - 0.866 * y) > 1.2
+    if texture == "zigzag":
+        return np.sin(x + 5.0 * np.abs((y / (2 * np.pi)) % 1.0 - 0.5)) > 0
+    if texture == "lines":  # thin parallel lines
+        return np.cos(x) > 0.75
+    if texture == "blobs":  # irregular spots: a smooth random field, thresholded
+        k = rng.normal(size=(3, 2)) * 0.6
+        field = sum(np.cos(k[i, 0] * x + k[i, 1] * y + rng.uniform(0, 2 * np.pi)) for i in range(3))
+        field = field + np.cos(0.7 * x + rng.uniform(0, 2 * np.pi)) * np.cos(0.7 * y + rng.uniform(0, 2 * np.pi))
+        return field > 0
     raise ValueError(f"unknown texture {texture}")
 
 
-# Six colours (three hues, dark and light), drawn independently of the class. Colours are the
-# nuisance here: with freely drawn colours, an image's colours alone would tell it from every other
-# image, and self-supervised pretraining learns that shortcut instead of shapes and textures (in
-# short runs it learned nothing else). A small palette leaves shape and texture as what sets an image
-# apart, while random-init features, which mostly see colour, stay near chance.
-_PALETTE_HUES = (0.5, 2.5, 4.5)  # on the 0-6 hue circle: orange, green, purple
-_PALETTE_VALUES = (0.5, 0.9)
+def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
+    """(3,) float32 RGB in [0, 255] of a colour with ``hue`` on the 0-6 circle (closed-form HSV)."""
+    k = (np.array([5.0, 3.0, 1.0]) + hue) % 6.0
+    return (255.0 * value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))).astype(np.float32)
 
 
-def _random_colours(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n, 3) float32 colours in [0, 255] drawn from the six-colour palette."""
-    hue = np.asarray(_PALETTE_HUES)[rng.integers(0, len(_PALETTE_HUES), n)]
-    val = np.asarray(_PALETTE_VALUES)[rng.integers(0, len(_PALETTE_VALUES), n)]
-    sat = 0.7
-    k = (np.array([5.0, 3.0, 1.0]) + hue[:, None]) % 6.0  # closed-form HSV -> RGB
-    rgb = val[:, None] * (1 - sat * np.clip(np.minimum(k, 4 - k), 0, 1))
-    return (255.0 * rgb).astype(np.float32)
+# Colours and their nuisances. Every scene uses one hue family (object: a dark and a light shade of
+# a cyan-blue-green hue; background: its complementary hue), drawn within the range of the colour
+# augmentation (ColorJitter's hue 0.1 of the circle, brightness, contrast and saturation 0.4), so
+# that colour neither tells the classes apart nor identifies an image for self-supervised learning:
+# what two crops of one scene share, beyond what the augmentations change, is the texture (and its
+# orientation). Features of a randomly initialised network mostly see colour and brightness, so its
+# k-NN accuracy stays near chance.
+BASE_HUE, HUE_SPREAD = 3.0, 0.6
+JITTER = (0.6, 1.4)  # brightness, contrast and saturation factors, drawn per scene
+PERIODS = (3.5, 5.5)  # texture periods across the image side, drawn per object
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float32: a linear gradient between two palette colours at a random angle."""
-    colours = _random_colours(rng, 2)
-    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+def _background(rng: np.random.Generator, size: int, hue: float) -> np.ndarray:
+    """(size, size, 3) float32: the complementary hue with a gentle brightness ramp at a random angle."""
+    ramp = np.linspace(-0.15, 0.15, size, dtype=np.float32)
     angle = rng.random() * 2 * np.pi
-    t = np.clip(0.5 + (ramp[None, :] - 0.5) * np.cos(angle) + (ramp[:, None] - 0.5) * np.sin(angle), 0, 1)
-    image = colours[0] * (1 - t[..., None]) + colours[1] * t[..., None]
-    return image.astype(np.float32)
+    t = ramp[None, :] * np.cos(angle) + ramp[:, None] * np.sin(angle)
+    return _hsv(hue + 3.0, 0.5, 0.7) * (1 + t[..., None])
+
+
+def _jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation of the whole scene scaled by factors drawn in JITTER."""
+    brightness, contrast, saturation = rng.uniform(*JITTER, 3)
+    image = image * brightness
+    image = (image - image.mean()) * contrast + image.mean()
+    grey = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return (image - grey[..., None]) * saturation + grey[..., None]
 
 
 # Circumradius multipliers that give the shapes similar areas (a triangle covers less of its
-# circle than a disk), so that no class wins the "largest object" label by its shape alone.
+# circle than a disk).
 _SHAPE_SCALE = {"disk": 1.0, "square": 1.15, "triangle": 1.4, "star": 1.35, "ring": 1.15}
 
 
-def _paint_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, c: int,
-                  radius: float, centre: Tuple[float, float]) -> None:
-    """Paint one object of class c (random colours, rotation, position with the centre drawn in
-    ``centre`` = (low, high) fractions of the side) over image and mask."""
+def _paint_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, c: int, radius: float,
+                  centre: Tuple[float, float], colours: Tuple[np.ndarray, np.ndarray]) -> None:
+    """Paint one object of class c (texture TEXTURES[c] in the two ``colours``, in random order; random
+    outline, rotation, period and phase; centre drawn in ``centre`` = (low, high) fractions of the
+    side) over image and mask."""
     size = image.shape[0]
-    shape, texture = SHAPES[c % len(SHAPES)], TEXTURES[c // len(SHAPES)]
+    shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
     radius *= _SHAPE_SCALE[shape]
     cy, cx = rng.uniform(centre[0] * size, centre[1] * size, 2)
     y0, y1 = max(0, int(cy - radius)), min(size, int(np.ceil(cy + radius)) + 1)
     x0, x1 = max(0, int(cx - radius)), min(size, int(np.ceil(cx + radius)) + 1)
-    yy = (np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy) / radius
-    xx = (np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx) / radius
+    yy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy
+    xx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx
     angle = rng.random() * 2 * np.pi
     cos, sin = np.cos(angle), np.sin(angle)
-    u, v = xx * cos + yy * sin, yy * cos - xx * sin  # (h, w) coordinates in the object's frame
-    inside = _shape_mask(shape, u, v)
-    pattern = _texture(texture, u, v, freq=rng.uniform(5.0, 8.0), phase=rng.random() * 2 * np.pi)
-    colours = _random_colours(rng, 2)
-    paint = np.where(pattern[..., None], colours[1], colours[0])  # (h, w, 3)
+    u, v = xx * cos + yy * sin, yy * cos - xx * sin  # (h, w) pixels in the object's frame
+    inside = _shape_mask(shape, u / radius, v / radius)
+    scale = 2 * np.pi * rng.uniform(*PERIODS) / size  # radians per pixel
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    pattern = _texture(TEXTURES[c], u * scale + phase[0], v * scale + phase[1], rng)
+    first, second = colours if rng.random() < 0.5 else colours[::-1]
+    paint = np.where(pattern[..., None], second, first)  # (h, w, 3)
     image[y0:y1, x0:x1][inside] = paint[inside]
     mask[y0:y1, x0:x1][inside] = c + 1
 
@@ -294,24 +321,28 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int,
                  max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, int]:
     """One procedural scene.
 
-    Class c is the pair (shape SHAPES[c % 5], texture TEXTURES[c // 5]); colours (from a
-    six-colour palette), size, position, rotation and texture frequency are nuisances drawn at
-    random, so a classifier must see shape and texture, not colour. A large main object of a
-    uniformly drawn class, near the centre so that most crops hold part of it, and up to
-    ``max_objects - 1`` smaller distractors of any class anywhere are painted in random order over
-    a gradient background, so they occlude each other. The label is the class covering the most
+    Class c is a texture, TEXTURES[c] (stripes, checker, dots, ...), painted in a dark and a light
+    shade of one hue. Everything else is a nuisance drawn at random: the outline (SHAPES), size,
+    position, rotation, period and phase of the texture, the hue (within the colour augmentation's
+    range) and the brightness, contrast and saturation of the whole scene (see JITTER). A large
+    main object of a uniformly drawn class, near the centre so that most crops show its texture, and
+    up to ``max_objects - 1`` smaller distractors of any class anywhere are painted in random order
+    over a plain background, so they occlude each other. The label is the class covering the most
     visible pixels (almost always the main object's).
     Returns image (size, size, 3) uint8, mask (size, size) uint8 (0 background, c + 1 for a
     pixel of class c) and the label.
     """
-    image = _background(rng, size)
+    hue = BASE_HUE + rng.uniform(-HUE_SPREAD, HUE_SPREAD)
+    image = _background(rng, size, hue)
+    colours = (_hsv(hue, 0.7, 0.35), _hsv(hue, 0.7, 0.95))
     mask = np.zeros((size, size), dtype=np.uint8)
     num_distractors = int(rng.integers(0, max_objects))
     classes = rng.integers(0, num_classes, 1 + num_distractors)
-    radii = np.concatenate([rng.uniform(0.38, 0.48, 1), rng.uniform(0.1, 0.18, num_distractors)])
+    radii = np.concatenate([rng.uniform(0.4, 0.5, 1), rng.uniform(0.12, 0.2, num_distractors)])
     for k in rng.permutation(1 + num_distractors):
         centre = (0.4, 0.6) if k == 0 else (0.15, 0.85)
-        _paint_object(image, mask, rng, int(classes[k]), radii[k] * size, centre)
+        _paint_object(image, mask, rng, int(classes[k]), radii[k] * size, centre, colours)
+    image = _jitter(image, rng)
     image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)  # sensor-like noise
     counts = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
     label = int(counts.argmax())
@@ -334,8 +365,8 @@ class BuiltinDataset(Dataset):
                  transform: Optional[Callable] = None, max_objects: int = 4):
         if split not in _SPLIT_STREAMS:
             raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
-        if not 2 <= num_classes <= len(SHAPES) * len(TEXTURES):
-            raise ValueError(f"num_classes must be in [2, {len(SHAPES) * len(TEXTURES)}], "
+        if not 2 <= num_classes <= len(TEXTURES):
+            raise ValueError(f"num_classes must be in [2, {len(TEXTURES)}], "
                              f"got {num_classes}")
         if image_size < 8:
             raise ValueError(f"image_size must be at least 8, got {image_size}")

@@ -6,11 +6,11 @@ network by k-NN and by a linear probe, with the same evaluation settings for bot
     python demo.py --dataset cifar10 --data-dir ~/data --download
     python demo.py --data-dir ~/photos --minutes 5        # a smaller time budget
 
-The built-in dataset has a fixed recipe (DEMO, PRETRAIN, EVALUATE below). On real images (REAL_*) the run
-sizes itself to --minutes: the random network is evaluated first, which measures what an evaluation
-costs; pretraining then gets the time that is left after a second evaluation of that cost
-(main_vicregl.py --time-budget: its learning-rate schedule follows the clock and ends with the
-budget), and the pretrained network is evaluated exactly as the random one. The k-NN
+Every run sizes itself to --minutes (default: 7.5 for the built-in dataset, so that make demo with its
+install stays within ten minutes; 10 for real images): the random network is evaluated first, which
+measures what an evaluation costs; pretraining then gets the time that is left after a second
+evaluation of that cost (main_vicregl.py --time-budget: its learning-rate schedule follows the clock
+and ends with the budget), and the pretrained network is evaluated exactly as the random one. The k-NN
 bank and the probe's training set are a random subset of the training images, sized to the budget.
 Images of any size work: large ones are first shrunk once (shorter side 32 pixels, the working
 resolution) into a copy in the experiment folder, so that neither pretraining nor evaluation decodes
@@ -50,39 +50,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true",
                    help="with --dataset cifar10/cifar100/stl10: download the official files into --data-dir when "
                         "they are missing (before the clock starts)")
-    p.add_argument("--minutes", type=float, default=10.0,
-                   help="real images: time budget of the whole run (evaluations included); the built-in "
-                        "dataset's recipe is fixed in epochs instead")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget of the whole run, evaluations included (default: 7.5 for the built-in "
+                        "dataset, 10 for real images)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="real images: at most this many pretraining steps (0: as many as fit in --minutes); "
                         "for a quick check of the pipeline")
     p.add_argument("--exp-dir", type=Path, default=None,
                    help="where every output goes (default exp/demo for the built-in dataset, "
                         "exp/demo-<dataset or folder name> for real images)")
-    p.add_argument("--arch", default="resnet_mini", help="backbone (a ResNet; the built-in recipe uses its "
-                   "small-input stem, the real-image recipe the standard one)")
-    p.add_argument("--epochs", type=int, default=DEMO["epochs"], help="built-in dataset: pretraining epochs")
-    p.add_argument("--probe-epochs", type=int, default=DEMO["probe_epochs"], help="built-in dataset: linear-probe epochs")
-    p.add_argument("--images", type=int, default=DEMO["images"], help="built-in dataset: training images")
-    p.add_argument("--quick", action="store_true", help="built-in dataset: a smaller run (fewer images and epochs): "
-                   "checks the pipeline in a minute or two, too short to learn much")
+    p.add_argument("--arch", default="resnet_mini", help="backbone (a ResNet, with its standard stem)")
+    p.add_argument("--images", type=int, default=BUILTIN_IMAGES, help="built-in dataset: training images")
+    p.add_argument("--builtin-seed", type=int, default=0, help="built-in dataset: which images are drawn")
+    p.add_argument("--quick", action="store_true", help="a 1.5-minute run (the same as --minutes 1.5): checks "
+                   "the pipeline, too short to learn much")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     return p
 
 
-# Settings of the demo's pretraining (see the README for the table they produce).
-DEMO = dict(epochs=8, probe_epochs=10, images=4096)
-PRETRAIN = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objects", "1", "--small-input",
-            "--size-crops", "32", "16", "--num-crops", "2", "4", "--min_scale_crops", "0.3", "0.1",
-            "--max_scale_crops", "1", "0.4", "--num_matches", "8", "2", "--mlp", "1024-1024-1024",
-            "--maps-mlp", "256-256-256", "--batch-size", "128", "--warmup-epochs", "1", "--optimizer", "adamw",
-            "--base-lr", "0.02", "--weight-decay", "0.01", "--num-workers", "1", "--log-tensors-interval", "20"]
-EVALUATE = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objects", "1", "--crop-size", "32",
-            "--resize-size", "32", "--small-input", "--batch-size", "256", "--lr-head", "0.1",
-            "--min-crop-scale", "0.5", "--workers", "1", "--knn"]
-
-
-# The recipe on real images, chosen on a 2-core CPU with CIFAR-10 images at 32 pixels (see the README).
+# The recipe, chosen on a 2-core CPU with CIFAR-10 images at 32 pixels (see the README), and used for
+# the built-in dataset as well.
 # The standard ResNet stem (no --small-input) makes a 32-pixel crop 16 times cheaper than the small-input
 # stem, and two 32-pixel crops per image (no small crops) keep the data loading cheap: about 0.7 s a
 # step of 128 images, against about 3 s for the small-input stem with 2x32 + 4x16 crops, so that many
@@ -103,6 +90,11 @@ REAL_EVALUATE = ["--crop-size", "32", "--resize-size", "32", "--batch-size", "25
 # 1,500 images a minute (bank and queries, twice) keep both evaluations to about a tenth of the budget.
 BANK_PER_MINUTE, QUERIES_PER_MINUTE, MIN_BANK, MIN_QUERIES = 1000, 500, 1000, 500
 MIN_TRAIN_IMAGES, MIN_VAL_IMAGES, MIN_PRETRAIN_S = 16, 2, 20.0
+# The built-in dataset: 32-pixel scenes with one object (its texture is the class); images are drawn on
+# demand, so the training set can be large.
+BUILTIN = ["--dataset", "builtin", "--builtin-size", "32", "--builtin-max-objects", "1"]
+BUILTIN_IMAGES, BUILTIN_VAL_IMAGES = 20000, 2000
+BUILTIN_MINUTES, REAL_MINUTES, QUICK_MINUTES = 7.5, 10.0, 1.5
 # Start-up and export of the pretraining process, outside the time it measures itself.
 PRETRAIN_OVERHEAD_S = 10.0
 
@@ -270,23 +262,11 @@ def working_images(data_dir: Path, exp: Path, side: int = REAL_SIDE) -> Path:
     return out
 
 
-def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
-    """Pretraining and both evaluations on real images within --minutes; (exp, results, description)."""
-    dataset = args.dataset or "imagefolder"
-    if args.data_dir is None:
-        raise UserError(f"--dataset {dataset} needs --data-dir")
-    if args.minutes <= 0 or args.max_steps < 0:
-        raise UserError(f"--minutes must be > 0 and --max-steps >= 0 (got {args.minutes:g}, {args.max_steps})")
-    counts = check_data(dataset, args.data_dir, args.download)  # downloads, if asked, before the clock starts
-    start = time.time()
-    exp = (args.exp_dir or Path("exp") / f"demo-{dataset if dataset != 'imagefolder' else args.data_dir.resolve().name}").resolve()
-    exp.mkdir(parents=True, exist_ok=True)
-    data_dir = working_images(args.data_dir, exp) if dataset == "imagefolder" else args.data_dir
-    name = "imagenet1k" if dataset == "imagefolder" else dataset
-    data = ["--dataset", name, "--data-dir", str(data_dir), "--arch", args.arch, "--device", args.device]
+def compare(args, exp: Path, data: List[str], counts: Dict[str, int], start: float) -> Tuple[Dict[str, dict], str]:
+    """Evaluate the random network, pretrain for what is left of --minutes, evaluate the pretrained one;
+    (results, description of the run)."""
     bank, queries = eval_subsets(counts["train"], counts["val"], args.minutes)
     evaluate = ["evaluate.py", *REAL_EVALUATE, *data, "--train-images", str(bank), "--val-images", str(queries)]
-
     eval_s = run([*evaluate, "--exp-dir", str(exp / "eval_random")], exp / "eval_random.log")
     budget = pretrain_minutes(args.minutes, time.time() - start, eval_s)
     cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
@@ -295,29 +275,53 @@ def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     run([*evaluate, "--pretrained", str(exp / "pretrain" / "backbone.pth"), "--exp-dir", str(exp / "eval_pretrained")],
         exp / "eval_pretrained.log")
     results = {name: summary(exp / f"eval_{name}") for name in ("random", "pretrained")}
-    what = (f"{args.data_dir} ({dataset}), {counts['classes']} classes (chance {100 / counts['classes']:.0f}%); "
+    what = (f"{counts['classes']} classes (chance {100 / counts['classes']:.0f}%); "
             f"{pretrain_steps(exp / 'pretrain')} pretraining steps; k-NN bank and probe on {bank} training "
             f"images, {queries} validation images")
-    return exp, results, what
+    return results, what
+
+
+def check_budget(args, default: float) -> None:
+    if args.quick:
+        args.minutes = QUICK_MINUTES
+    elif args.minutes is None:
+        args.minutes = default
+    if args.minutes <= 0 or args.max_steps < 0:
+        raise UserError(f"--minutes must be > 0 and --max-steps >= 0 (got {args.minutes:g}, {args.max_steps})")
+
+
+def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
+    """Pretraining and both evaluations on real images within --minutes; (exp, results, description)."""
+    dataset = args.dataset or "imagefolder"
+    if args.data_dir is None:
+        raise UserError(f"--dataset {dataset} needs --data-dir")
+    check_budget(args, REAL_MINUTES)
+    counts = check_data(dataset, args.data_dir, args.download)  # downloads, if asked, before the clock starts
+    start = time.time()
+    exp = (args.exp_dir or Path("exp") / f"demo-{dataset if dataset != 'imagefolder' else args.data_dir.resolve().name}").resolve()
+    exp.mkdir(parents=True, exist_ok=True)
+    data_dir = working_images(args.data_dir, exp) if dataset == "imagefolder" else args.data_dir
+    name = "imagenet1k" if dataset == "imagefolder" else dataset
+    data = ["--dataset", name, "--data-dir", str(data_dir), "--arch", args.arch, "--device", args.device]
+    results, what = compare(args, exp, data, counts, start)
+    return exp, results, f"{args.data_dir} ({dataset}), {what}"
 
 
 # ----------------------------------------------------------------------------- built-in dataset
 
 def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
-    """The fixed built-in recipe; (exp, results, description)."""
-    if args.quick:
-        args.epochs, args.probe_epochs, args.images = 2, 2, 512
+    """The same comparison on the built-in dataset (no download); (exp, results, description)."""
+    check_budget(args, BUILTIN_MINUTES)
+    if args.images < MIN_TRAIN_IMAGES:
+        raise UserError(f"--images must be at least {MIN_TRAIN_IMAGES}, got {args.images}")
+    start = time.time()
     exp = (args.exp_dir or Path("exp/demo")).resolve()
     exp.mkdir(parents=True, exist_ok=True)
-    common = ["--arch", args.arch, "--device", args.device]
-    for name, extra in (("random", []), ("pretrained", ["--pretrained", str(exp / "pretrain" / "backbone.pth")])):
-        if name == "pretrained":
-            run(["main_vicregl.py", *PRETRAIN, *common, "--builtin-images", str(args.images), "--epochs",
-                 str(args.epochs), "--exp-dir", str(exp / "pretrain")], exp / "pretrain.log")
-        run(["evaluate.py", *EVALUATE, *common, *extra, "--builtin-images", str(args.images),
-             "--epochs", str(args.probe_epochs), "--exp-dir", str(exp / f"eval_{name}")], exp / f"eval_{name}.log")
-    results = {name: summary(exp / f"eval_{name}") for name in ("random", "pretrained")}
-    return exp, results, "built-in dataset, 10 classes (chance 10%)"
+    data = [*BUILTIN, "--builtin-images", str(args.images), "--builtin-val-images", str(BUILTIN_VAL_IMAGES),
+            "--builtin-seed", str(args.builtin_seed), "--arch", args.arch, "--device", args.device]
+    counts = {"train": args.images, "val": BUILTIN_VAL_IMAGES, "classes": 10}
+    results, what = compare(args, exp, data, counts, start)
+    return exp, results, f"built-in dataset (seed {args.builtin_seed}), {what}"
 
 
 # ----------------------------------------------------------------------------- results
