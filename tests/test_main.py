@@ -178,7 +178,10 @@ def test_torchrun_two_processes_compute_what_one_process_computes(tmp_path):
     a = torch.load(one / "model.pth", weights_only=True)["model"]
     b = torch.load(two / "model.pth", weights_only=True)["model"]
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), (k, float((a[k] - b[k]).abs().max()))
+        # float32: the two processes sum the gradient in another order than one process does, and two
+        # LARS steps carry that rounding (about 1e-7 of each value) into the weights; a wrong shard,
+        # a missing gather or an unaveraged gradient moves them by 1e-3 or more
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, float((a[k] - b[k]).abs().max()))
 
 
 def _free_port():
