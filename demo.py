@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="time budget of the whole run, evaluations included (default: 7.5 for the built-in "
                         "dataset, 10 for real images)")
     p.add_argument("--max-steps", type=int, default=0,
-                   help="real images: at most this many pretraining steps (0: as many as fit in --minutes); "
+                   help="at most this many pretraining steps (0: as many as fit in --minutes); "
                         "for a quick check of the pipeline")
     p.add_argument("--exp-dir", type=Path, default=None,
                    help="where every output goes (default exp/demo for the built-in dataset, "
@@ -77,13 +77,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 # the local loss matches that single position (--num_matches 1 1). Pretraining runs for the time it is
 # given (--time-budget): --epochs and --warmup-epochs only shape the schedule (the warmup's share of
 # the run); a small dataset may finish its epochs earlier.
-REAL_SIDE = 32  # working resolution: crops of 32 pixels, evaluation at 32
-REAL_BATCH = 128
-REAL_PRETRAIN = ["--size-crops", "32", "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops", "1",
+SIDE = 32  # working resolution: crops of 32 pixels, evaluation at 32
+BATCH = 128
+PRETRAIN = ["--size-crops", "32", "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops", "1",
                  "--num_matches", "1", "1", "--mlp", "1024-1024-1024", "--maps-mlp", "256-256-256", "--epochs", "100",
                  "--warmup-epochs", "5", "--optimizer", "adamw", "--base-lr", "0.02", "--weight-decay", "0.01",
                  "--num-workers", "1", "--channels-last", "--log-tensors-interval", "30"]
-REAL_EVALUATE = ["--crop-size", "32", "--resize-size", "32", "--batch-size", "256",
+EVALUATE = ["--crop-size", "32", "--resize-size", "32", "--batch-size", "256",
                  "--feature-probe", "--epochs", "100", "--lr-head", "0.01", "--weight-decay", "1e-4",
                  "--workers", "1", "--knn", "--knn-k", "20", "--knn-temperature", "0.07"]
 # Evaluation subsets per minute of budget: extracting features runs at about 700 images/s on 2 cores, so
@@ -149,7 +149,7 @@ def pretrain_steps(exp: Path) -> int:
 
 # ----------------------------------------------------------------------------- sizing (real images)
 
-def batch_size_for(train_images: int, batch: int = REAL_BATCH) -> int:
+def batch_size_for(train_images: int, batch: int = BATCH) -> int:
     """The pretraining batch: ``batch``, or for a small training set the largest power of two that
     leaves at least two batches per epoch."""
     fit = 2 ** int(math.log2(max(train_images // 2, 1)))
@@ -237,7 +237,7 @@ def _shrink_one(job: Tuple[str, str, int]) -> bool:
         return False
 
 
-def working_images(data_dir: Path, exp: Path, side: int = REAL_SIDE) -> Path:
+def working_images(data_dir: Path, exp: Path, side: int = SIDE) -> Path:
     """The class folders to train on: ``data_dir`` itself when its images are small already, else a copy
     under ``exp/images-<side>px`` with every image's shorter side shrunk to ``side`` pixels (made once,
     in parallel; a finished copy is reused)."""
@@ -266,11 +266,11 @@ def compare(args, exp: Path, data: List[str], counts: Dict[str, int], start: flo
     """Evaluate the random network, pretrain for what is left of --minutes, evaluate the pretrained one;
     (results, description of the run)."""
     bank, queries = eval_subsets(counts["train"], counts["val"], args.minutes)
-    evaluate = ["evaluate.py", *REAL_EVALUATE, *data, "--train-images", str(bank), "--val-images", str(queries)]
+    evaluate = ["evaluate.py", *EVALUATE, *data, "--train-images", str(bank), "--val-images", str(queries)]
     eval_s = run([*evaluate, "--exp-dir", str(exp / "eval_random")], exp / "eval_random.log")
     budget = pretrain_minutes(args.minutes, time.time() - start, eval_s)
     cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    run(["main_vicregl.py", *REAL_PRETRAIN, *data, "--batch-size", str(batch_size_for(counts["train"])),
+    run(["main_vicregl.py", *PRETRAIN, *data, "--batch-size", str(batch_size_for(counts["train"])),
          "--time-budget", f"{budget:.3f}", *cap, "--exp-dir", str(exp / "pretrain")], exp / "pretrain.log")
     run([*evaluate, "--pretrained", str(exp / "pretrain" / "backbone.pth"), "--exp-dir", str(exp / "eval_pretrained")],
         exp / "eval_pretrained.log")
@@ -282,6 +282,7 @@ def compare(args, exp: Path, data: List[str], counts: Dict[str, int], start: flo
 
 
 def check_budget(args, default: float) -> None:
+    """Set args.minutes: QUICK_MINUTES with --quick, ``default`` when not given; refuse a budget <= 0."""
     if args.quick:
         args.minutes = QUICK_MINUTES
     elif args.minutes is None:
@@ -319,7 +320,8 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     exp.mkdir(parents=True, exist_ok=True)
     data = [*BUILTIN, "--builtin-images", str(args.images), "--builtin-val-images", str(BUILTIN_VAL_IMAGES),
             "--builtin-seed", str(args.builtin_seed), "--arch", args.arch, "--device", args.device]
-    counts = {"train": args.images, "val": BUILTIN_VAL_IMAGES, "classes": 10}
+    counts = {"train": args.images, "val": BUILTIN_VAL_IMAGES,
+              "classes": datasets.BuiltinDataset("train", args.images).num_classes}
     results, what = compare(args, exp, data, counts, start)
     return exp, results, f"built-in dataset (seed {args.builtin_seed}), {what}"
 

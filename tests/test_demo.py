@@ -253,7 +253,7 @@ def test_results_json_from_a_tiny_run(tmp_path):
     for name in ("random", "pretrained"):
         assert set(results[name]) == {"knn_top1", "linear_top1"}
         assert all(0 <= v <= 100 for v in results[name].values())
-        assert results[name]["knn_top1"] == stats(exp / f"eval_{name}")[-1]["knn_top1"]
+        assert results[name]["knn_top1"] == round(stats(exp / f"eval_{name}")[-1]["knn_top1"], 2)
     assert 0 < results["minutes"] < 5
     assert demo.pretrain_steps(exp / "pretrain") == 2
     # identical evaluation settings: the two command lines differ only in --pretrained and --exp-dir
@@ -262,3 +262,20 @@ def test_results_json_from_a_tiny_run(tmp_path):
     drop = {"--pretrained", "--exp-dir"}
     kept = [[a for i, a in enumerate(c) if a not in drop and c[i - 1] not in drop] for c in commands]
     assert kept[0] == kept[1] and "--feature-probe" in kept[0] and "--train-images" in kept[0]
+
+
+def test_builtin_demo_runs_the_same_timed_comparison(tmp_path):
+    """make demo's path: the built-in images drawn from --builtin-seed in every script, the random and
+    the pretrained network evaluated with identical settings, results.json written."""
+    exp = tmp_path / "exp"
+    proc = run_demo("--quick", "--max-steps", "2", "--images", "64", "--builtin-seed", "3", "--arch", "resnet_test",
+                    "--exp-dir", str(exp))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((exp / "results.json").read_text())
+    assert results["pretrained"]["knn_top1"] == round(stats(exp / "eval_pretrained")[-1]["knn_top1"], 2)
+    assert 0 < results["minutes"] < 1.5 and demo.pretrain_steps(exp / "pretrain") == 2
+    for run in ("eval_random", "pretrain", "eval_pretrained"):
+        command = (exp / run / "stats.txt").read_text().splitlines()[0].split()
+        assert command[command.index("--builtin-seed") + 1] == "3", run
+        assert command[command.index("--dataset") + 1] == "builtin", run
+    assert "seed 3" in results["data"] and "10 classes" in results["data"]
