@@ -366,10 +366,10 @@ class BuiltinDataset(Dataset):
         if split not in _SPLIT_STREAMS:
             raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
         if not 2 <= num_classes <= len(TEXTURES):
-            raise ValueError(f"num_classes must be in [2, {len(TEXTURES)}], "
+            raise ValueError(f"num_classes (--builtin-classes) must be in [2, {len(TEXTURES)}], "
                              f"got {num_classes}")
         if image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {image_size}")
+            raise ValueError(f"image_size (--builtin-size) must be at least 8, got {image_size}")
         self.split = split
         self.num_images = num_images if num_images is not None else (10000 if split == "train" else 2000)
         self.image_size = image_size

@@ -262,13 +262,14 @@ def working_images(data_dir: Path, exp: Path, side: int = SIDE) -> Path:
     return out
 
 
-def compare(args, exp: Path, data: List[str], counts: Dict[str, int], start: float) -> Tuple[Dict[str, dict], str]:
-    """Evaluate the random network, pretrain for what is left of --minutes, evaluate the pretrained one;
+def compare(args, minutes: float, exp: Path, data: List[str], counts: Dict[str, int],
+            start: float) -> Tuple[Dict[str, dict], str]:
+    """Evaluate the random network, pretrain for what is left of ``minutes``, evaluate the pretrained one;
     (results, description of the run)."""
-    bank, queries = eval_subsets(counts["train"], counts["val"], args.minutes)
+    bank, queries = eval_subsets(counts["train"], counts["val"], minutes)
     evaluate = ["evaluate.py", *EVALUATE, *data, "--train-images", str(bank), "--val-images", str(queries)]
     eval_s = run([*evaluate, "--exp-dir", str(exp / "eval_random")], exp / "eval_random.log")
-    budget = pretrain_minutes(args.minutes, time.time() - start, eval_s)
+    budget = pretrain_minutes(minutes, time.time() - start, eval_s)
     cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
     run(["main_vicregl.py", *PRETRAIN, *data, "--batch-size", str(batch_size_for(counts["train"])),
          "--time-budget", f"{budget:.3f}", *cap, "--exp-dir", str(exp / "pretrain")], exp / "pretrain.log")
@@ -281,14 +282,13 @@ def compare(args, exp: Path, data: List[str], counts: Dict[str, int], start: flo
     return results, what
 
 
-def check_budget(args, default: float) -> None:
-    """Set args.minutes: QUICK_MINUTES with --quick, ``default`` when not given; refuse a budget <= 0."""
-    if args.quick:
-        args.minutes = QUICK_MINUTES
-    elif args.minutes is None:
-        args.minutes = default
-    if args.minutes <= 0 or args.max_steps < 0:
-        raise UserError(f"--minutes must be > 0 and --max-steps >= 0 (got {args.minutes:g}, {args.max_steps})")
+def budget_minutes(args, default: float) -> float:
+    """The run's budget: QUICK_MINUTES with --quick, else --minutes, else ``default``; a UserError for a
+    budget <= 0 or a negative --max-steps."""
+    minutes = QUICK_MINUTES if args.quick else default if args.minutes is None else args.minutes
+    if minutes <= 0 or args.max_steps < 0:
+        raise UserError(f"--minutes must be > 0 and --max-steps >= 0 (got {minutes:g}, {args.max_steps})")
+    return minutes
 
 
 def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
@@ -296,7 +296,7 @@ def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     dataset = args.dataset or "imagefolder"
     if args.data_dir is None:
         raise UserError(f"--dataset {dataset} needs --data-dir")
-    check_budget(args, REAL_MINUTES)
+    minutes = budget_minutes(args, REAL_MINUTES)
     counts = check_data(dataset, args.data_dir, args.download)  # downloads, if asked, before the clock starts
     start = time.time()
     exp = (args.exp_dir or Path("exp") / f"demo-{dataset if dataset != 'imagefolder' else args.data_dir.resolve().name}").resolve()
@@ -304,7 +304,7 @@ def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     data_dir = working_images(args.data_dir, exp) if dataset == "imagefolder" else args.data_dir
     name = "imagenet1k" if dataset == "imagefolder" else dataset
     data = ["--dataset", name, "--data-dir", str(data_dir), "--arch", args.arch, "--device", args.device]
-    results, what = compare(args, exp, data, counts, start)
+    results, what = compare(args, minutes, exp, data, counts, start)
     return exp, results, f"{args.data_dir} ({dataset}), {what}"
 
 
@@ -312,7 +312,7 @@ def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
 
 def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     """The same comparison on the built-in dataset (no download); (exp, results, description)."""
-    check_budget(args, BUILTIN_MINUTES)
+    minutes = budget_minutes(args, BUILTIN_MINUTES)
     if args.images < MIN_TRAIN_IMAGES:
         raise UserError(f"--images must be at least {MIN_TRAIN_IMAGES}, got {args.images}")
     start = time.time()
@@ -322,7 +322,7 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
             "--builtin-seed", str(args.builtin_seed), "--arch", args.arch, "--device", args.device]
     counts = {"train": args.images, "val": BUILTIN_VAL_IMAGES,
               "classes": datasets.BuiltinDataset("train", args.images).num_classes}
-    results, what = compare(args, exp, data, counts, start)
+    results, what = compare(args, minutes, exp, data, counts, start)
     return exp, results, f"built-in dataset (seed {args.builtin_seed}), {what}"
 
 
