@@ -315,9 +315,7 @@ class BuiltinMasks(Dataset):
         import datasets as top  # the repository's datasets.py (the caller puts the root on sys.path)
         self.source = top.BuiltinDataset(split, num_images, image_size, num_object_classes, seed, None, max_objects)
         self.num_classes = num_object_classes + 1  # with the background
-        self.class_names = ("background",) + tuple(
-            f"{top.SHAPES[c % len(top.SHAPES)]}-{top.TEXTURES[c // len(top.SHAPES)]}"
-            for c in range(num_object_classes))
+        self.class_names = ("background",) + tuple(top.TEXTURES[:num_object_classes])  # class c is a texture
         self.transform = transform
 
     def __len__(self) -> int:

@@ -124,6 +124,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--builtin-classes", type=int, default=10,
                    help="object classes of --dataset builtin (plus background); must match pretraining's")
     g.add_argument("--builtin-max-objects", type=int, default=4, help="objects per image of --dataset builtin")
+    g.add_argument("--builtin-seed", type=int, default=0,
+                   help="which images --dataset builtin draws (main_vicregl.py's --builtin-seed: the same value "
+                        "gives the training images it pretrained on)")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help=f"backbone: one of {', '.join(models.available_archs())}")
@@ -277,7 +280,7 @@ def collate_lists(batch):
 
 def builtin_options(args, split: str) -> dict:
     return dict(num_images=args.builtin_images if split == "train" else args.builtin_val_images,
-                image_size=args.builtin_size, num_object_classes=args.builtin_classes, seed=args.seed,
+                image_size=args.builtin_size, num_object_classes=args.builtin_classes, seed=args.builtin_seed,
                 max_objects=args.builtin_max_objects)
 
 

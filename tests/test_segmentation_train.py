@@ -182,3 +182,18 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys, case):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err, err
+
+
+def test_builtin_seed_selects_the_images_and_seed_does_not():
+    """--builtin-seed picks the scenes (those main_vicregl.py --builtin-seed pretrains on); --seed only
+    seeds the head and the crops."""
+    import datasets as top
+    parser = seg_train.get_args_parser()
+    for argv, images_seed in [(["--seed", "9"], 0), (["--builtin-seed", "3", "--seed", "9"], 3)]:
+        args = seg_train.resolve_args(parser.parse_args(["--dataset", "builtin", "--arch", "resnet_test",
+                                                         "--builtin-size", "32", *argv]))
+        for split in ("train", "val"):
+            ds = seg_train.build_dataset(args, split, None)
+            _, mask = ds[1]
+            _, expected, _ = top.BuiltinDataset(split, 4, 32, 10, seed=images_seed).sample(1)
+            assert (mask == expected).all(), (argv, split)
