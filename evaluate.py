@@ -85,6 +85,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--builtin-seed", type=int, default=0,
                    help="which images --dataset builtin draws (as main_vicregl.py's --builtin-seed)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
+    utils.add_threads_argument(g)
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help=f"backbone: one of {', '.join(models.available_archs())}")
@@ -532,6 +533,9 @@ def run(args) -> None:
         info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
     except ValueError as e:  # --device cuda without CUDA
         raise UserError(str(e)) from None
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0: automatic), got {args.threads}")
+    utils.set_cpu_threads(info.device, args.workers, args.threads)
     main_proc = info.rank == 0
     start = time.time()
 

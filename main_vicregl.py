@@ -151,6 +151,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--fused-optimizer", type=int, default=1,
                    help="1: AdamW's fused kernel on CUDA (multi-tensor elsewhere) and multi-tensor LARS; "
                         "0: one parameter at a time")
+    utils.add_threads_argument(g)
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--val-batch-size", type=int, default=-1, help="validation batch (-1: --batch-size)")
@@ -222,6 +223,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         raise UserError(f"--epochs must be >= 1 and --warmup-epochs >= 0 (got {args.epochs}, {args.warmup_epochs})")
     if args.max_steps < 0 or args.time_budget < 0:
         raise UserError(f"--max-steps and --time-budget must be >= 0 (got {args.max_steps}, {args.time_budget})")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0: automatic), got {args.threads}")
     if args.small_input and models.backbone_family(args.arch) != "resnet":
         raise UserError("--small-input applies to ResNet backbones only")
     sides = crop_grid_sizes(args)
@@ -429,6 +432,7 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
     main_proc = info.rank == 0
     check_args(args, info.world_size)
+    utils.set_cpu_threads(info.device, args.num_workers, args.threads)
     if args.tensorboard:
         utils.require_tensorboard()  # a missing package fails now, not after building the data and model
     start = time.time()

@@ -121,6 +121,42 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
+def cpu_threads(num_workers: int, requested: int = 0, cpus: Optional[int] = None,
+                local_processes: Optional[int] = None) -> int:
+    """Intra-op threads for a process that trains on the CPU with ``num_workers`` data-loading
+    processes: ``requested`` when > 0, else the cores left to it once its workers and the other
+    processes on this machine (LOCAL_WORLD_SIZE under torchrun) have one each, at least 1.
+
+    torch's default (one thread per core) oversubscribes a small machine as soon as workers load
+    data: on 2 cores with one worker, a pretraining step of resnet_mini takes 0.85 s with 2 threads
+    and 0.48 s with 1.
+    """
+    if requested > 0:
+        return requested
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_processes is None:
+        local_processes = _env_int("LOCAL_WORLD_SIZE") or 1
+    return max(1, cpus // max(local_processes, 1) - num_workers)
+
+
+def set_cpu_threads(device: torch.device, num_workers: int, requested: int = 0) -> None:
+    """On the CPU, use ``cpu_threads`` intra-op threads: ``requested`` (--threads) when > 0; else the
+    rule, unless OMP_NUM_THREADS chooses, and never more than torch's default. No effect on CUDA."""
+    if device.type != "cpu":
+        return
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads(num_workers)))
+
+
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU only: intra-op threads of this process (0: the cores left after the data-loading "
+                             "workers, at least 1, unless OMP_NUM_THREADS is set)")
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -1,8 +1,8 @@
 """Linear frozen segmentation: train a BatchNorm + 1x1-convolution head on a frozen backbone
 and report mIoU. Plain PyTorch: one process on a CPU, or torchrun / SLURM on GPUs.
 
-    python segmentation/train.py --dataset builtin --arch resnet_test --small-input \
-        --pretrained exp/demo/backbone.pth --exp-dir exp/demo_seg --iters 1000
+    python segmentation/train.py --dataset builtin --arch resnet_mini --builtin-size 64 --stages 1 2 3 4 \
+        --dilated 0 --lr 0.1 --iters 1000 --pretrained exp/demo-seg/vicregl/backbone.pth --exp-dir exp/seg_builtin
     torchrun --nproc_per_node=8 segmentation/train.py --dataset voc --data-dir /data/VOCdevkit \
         --arch convnext_small --pretrained convnext_small_alpha0.75.pth --exp-dir exp/seg_voc
 
@@ -90,6 +90,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     utils.add_trust_argument(g)
     g.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cuda' or 'cpu'")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
+    utils.add_threads_argument(g)
     g.add_argument("--fp16", action="store_true",
                    help="run the frozen backbone under float16 autocast on CUDA (bfloat16 on CPU); the head "
                         "trains in float32")
@@ -244,7 +245,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                f"--ratio-range needs 0 < low <= high, got {args.ratio_range}"),
               (0 < args.cat_max_ratio <= 1, f"--cat-max-ratio must lie in (0, 1], got {args.cat_max_ratio}"),
               (args.print_freq >= 1, "--print-freq must be >= 1"),
-              (args.stop_after_iters >= 0 and args.workers >= 0, "--stop-after-iters and --workers must be >= 0"),
+              (args.stop_after_iters >= 0 and args.workers >= 0 and args.threads >= 0,
+               "--stop-after-iters, --workers and --threads must be >= 0"),
               (args.eval_interval >= 0 and args.checkpoint_interval >= 1,
                "--eval-interval must be >= 0 and --checkpoint-interval >= 1"),
               (args.val_batch_size >= 1, "--val-batch-size must be >= 1"),
@@ -445,6 +447,7 @@ def train(args) -> None:
     info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
     main_proc = info.rank == 0
     resolve_args(args)
+    utils.set_cpu_threads(info.device, args.workers, args.threads)
     if args.tensorboard:
         utils.require_tensorboard()  # a missing package fails now, not after loading the backbone
     if args.batch_size < 1 or args.batch_size % info.world_size:

@@ -201,6 +201,7 @@ def _free_port():
     (["--mlp", "32-x"], "--mlp expects"),
     (["--dataset", "imagenet1k", "--data-dir", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
     (["--dataset", "imagenet1k"], "--data-dir"),
+    (["--threads", "-1"], "--threads must be >= 0"),
 ])
 def test_configuration_errors_are_clear_and_early(tmp_path, extra, message, monkeypatch, capsys):
     """In process (the script's main, as `python main_vicregl.py` calls it); the subprocess test below

@@ -109,3 +109,34 @@ def test_launchers_are_recognised_from_the_environment(monkeypatch):
     info = utils.init_distributed("cpu")
     assert (info.rank, info.world_size, info.backend) == (0, 1, None)
     assert utils._slurm_master_addr() == "node07"
+
+
+@pytest.mark.parametrize("workers, requested, cpus, local, expected", [
+    (1, 0, 2, 1, 1),    # a 2-core laptop with one loading worker: one thread, not two fighting for a core
+    (0, 0, 2, 1, 2),    # loading in the process itself: every core
+    (2, 0, 16, 1, 14),
+    (4, 0, 16, 2, 4),   # torchrun with two processes on 16 cores: 8 each, 4 left after the workers
+    (8, 0, 4, 1, 1),    # more workers than cores: still one thread
+    (1, 3, 2, 1, 3),    # --threads wins
+])
+def test_cpu_threads_leaves_the_workers_their_cores(workers, requested, cpus, local, expected):
+    assert utils.cpu_threads(workers, requested, cpus=cpus, local_processes=local) == expected
+
+
+def test_set_cpu_threads_respects_omp_num_threads_and_cuda(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        utils.set_cpu_threads(torch.device("cpu"), num_workers=50)  # more workers than cores: 1 thread
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        utils.set_cpu_threads(torch.device("cuda"), num_workers=50)  # the GPU does the work: untouched
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        utils.set_cpu_threads(torch.device("cpu"), num_workers=50)  # the user chose
+        assert torch.get_num_threads() == 2
+        utils.set_cpu_threads(torch.device("cpu"), num_workers=50, requested=1)  # --threads wins over the variable
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
