@@ -310,14 +310,15 @@ def pca_rgb(features: Sequence[Tensor], clip_percent: float = 1.0, joint: bool =
 def render_features(backbone: nn.Module, images: Sequence, size: Optional[int] = None, stage: int = 4,
                     upsample: str = "nearest", joint: bool = True, clip_percent: float = 1.0,
                     panel: int = 224, overlay: bool = False, title: str = "",
-                    compare: Sequence[Tuple[str, nn.Module]] = ()) -> Image.Image:
+                    compare: Sequence[Tuple[str, nn.Module]] = (), label: str = "") -> Image.Image:
     """Each image next to its dense features' first three principal components as RGB.
 
     images: PIL images or (name, PIL image) pairs, one figure row each. size: the side the images
     are resized and centre-cropped to before the backbone (default 14 cells: 448 for stride 32,
     112 for a small-input ResNet). upsample: 'nearest' (shows the cells) or 'bilinear'. With
     ``overlay`` a panel blends image and colours. ``compare``: (name, backbone) pairs shown in
-    further columns with their own PCA (e.g. a randomly initialised baseline of the same arch).
+    further columns with their own PCA (e.g. a randomly initialised baseline of the same arch);
+    ``label`` names the first backbone's column.
     Panels are ``panel`` pixels square. Returns the figure, laid out as
     ``figure_size(len(images), 2 + overlay + len(compare), panel, panel)``.
     """
@@ -333,11 +334,11 @@ def render_features(backbone: nn.Module, images: Sequence, size: Optional[int] =
         raise UserError(f"--size {size} is too small for this backbone (its feature map would be empty)")
     tensors, shown = zip(*(preprocess(im, size) for _, im in named))
     columns = []  # per backbone: (label, one (h, w, 3) colour map per image)
-    for label, net in [("", backbone), *compare]:
+    for name, net in [(label, backbone), *compare]:
         x = torch.stack(tensors).to(next(net.parameters()).device)
         feats = dense_features(net, x, stage).cpu()  # (B, h, w, C)
         h, w, c = feats.shape[1:]
-        columns.append((f"{label or 'PCA'}, stage {stage}, {h}x{w}x{c}",
+        columns.append((f"{name or 'PCA'}, stage {stage}, {h}x{w}x{c}",
                         pca_rgb(list(feats), clip_percent, joint)))
     cols = 1 + len(columns) + overlay
     fig, draw = _canvas(len(named), cols, panel, panel, title or "first three principal components of the "
@@ -862,6 +863,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--compare-random", action="store_true",
                    help="add a column for a randomly initialised backbone of the same architecture (seeded by "
                         "--seed): what the colours of an untrained network look like")
+    f.add_argument("--compare", nargs="+", default=[], metavar="LABEL=PATH",
+                   help="more backbones of the same architecture, a column each with its own PCA: backbone "
+                        "files (or URLs) as LABEL=PATH, or PATH (labelled by its folder's name), e.g. "
+                        "vicreg=exp/demo-seg/vicreg/backbone.pth")
+    f.add_argument("--label", default="", help="column title of the first backbone's features (default: PCA)")
     _add_picture_args(f, "features.png")
 
     m = sub.add_parser("matches", formatter_class=fmt,
@@ -949,10 +955,17 @@ def _run_features(args) -> None:
     if args.compare_random:
         baseline = load_backbone(random_init=True, arch=loaded.arch, small_input=loaded.small_input, seed=args.seed)
         compare.append(("random init", baseline.backbone.to(next(loaded.backbone.parameters()).device)))
+    for item in args.compare:
+        label, sep, path = item.partition("=")
+        if not sep or "://" in label:  # a bare path (or URL): labelled by its folder
+            label, path = Path(item).parent.name or item, item
+        other = load_backbone(path, arch=loaded.arch, small_input=loaded.small_input, trusted=args.trust_checkpoint)
+        compare.append((label, other.backbone.to(next(loaded.backbone.parameters()).device)))
     fig = render_features(loaded.backbone, images, args.size, args.stage, args.upsample, not args.per_image_pca,
-                          args.clip_percent, args.panel, args.overlay, compare=compare, title=
+                          args.clip_percent, args.panel, args.overlay, compare=compare, label=args.label, title=
                           "dense features, 3 principal components as RGB: "
-                          f"{loaded.arch}{' (small input)' if loaded.small_input else ''}, {loaded.source}")
+                          f"{loaded.arch}{' (small input)' if loaded.small_input else ''}, "
+                          f"{', '.join([args.label or loaded.source, *(name for name, _ in compare)])}")
     _save(fig, _default_out(args, "features.png"), args.palette)
 
 

@@ -282,6 +282,31 @@ def test_features_cli_from_backbone_file_guesses_arch(backbone_file, capsys):
         assert n_colours(trained) >= 4 and n_colours(random) >= 4 and not np.array_equal(trained, random)
 
 
+def test_features_cli_compares_backbone_files_side_by_side(backbone_file, tmp_path, capsys):
+    """--random as the first column, then --compare files: each column is its own network's PCA, so the
+    same weights give the same panel and other weights another one."""
+    path, _ = backbone_file
+    torch.manual_seed(11)
+    other, _ = models.build_backbone("resnet_test", small_input=True)
+    (tmp_path / "vicreg").mkdir()
+    torch.save(other.state_dict(), tmp_path / "vicreg" / "backbone.pth")
+    out = tmp_path / "three.png"
+    run_main("features", "--random", "--arch", "resnet_test", "--small-input", "--label", "random", "--compare",
+             f"mine={path}", tmp_path / "vicreg" / "backbone.pth", "--builtin-index", 0, 1, "--builtin-size", 32,
+             "--size", 32, "--panel", PANEL, "--out", out)
+    run_main("features", "--checkpoint", path, "--builtin-index", 0, 1, "--builtin-size", 32, "--size", 32,
+             "--panel", PANEL, "--out", tmp_path / "alone.png")
+    with Image.open(out) as im, Image.open(tmp_path / "alone.png") as alone:
+        assert im.size == figure_wh(2, 4, PANEL, PANEL)
+        for row in range(2):
+            random, mine, vicreg = (panel(im, row, col) for col in (1, 2, 3))
+            assert np.array_equal(mine, panel(alone, row, 1))  # the file's own column, as when shown alone
+            assert not np.array_equal(mine, vicreg) and not np.array_equal(random, mine)
+    err = user_error(capsys, "features", "--checkpoint", path, "--compare", f"x={tmp_path}/missing.pth",
+                     "--out", tmp_path / "y.png")
+    assert "missing.pth" in err and not (tmp_path / "y.png").exists()
+
+
 def test_model_pth_reads_saved_args(tmp_path, capsys):
     torch.manual_seed(4)
     net, _ = models.build_backbone("convnext_test")
