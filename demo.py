@@ -5,6 +5,7 @@ network by k-NN and by a linear probe, with the same evaluation settings for bot
     python demo.py --data-dir ~/photos                    # your images: ~/photos/{train,val}/<class>/<image>
     python demo.py --dataset cifar10 --data-dir ~/data --download
     python demo.py --data-dir ~/photos --minutes 5        # a smaller time budget
+    python demo.py --task segmentation                    # dense features: exp/demo-seg/ (25 minutes)
 
 Every run sizes itself to --minutes (default: 7.5 for the built-in dataset, so that make demo with its
 install stays within ten minutes; 10 for real images): the random network is evaluated first, which
@@ -15,6 +16,10 @@ bank and the probe's training set are a random subset of the training images, si
 Images of any size work: large ones are first shrunk once (shorter side 32 pixels, the working
 resolution) into a copy in the experiment folder, so that neither pretraining nor evaluation decodes
 large files again and again.
+
+With --task segmentation it compares dense features instead, on the built-in dataset's masks:
+VICRegL (global and local loss) and VICReg (global loss only) pretrained for the same time, and a
+random network, each under the same frozen linear segmentation head (mIoU); see segmentation_demo.
 
 It runs the project's own scripts (main_vicregl.py, evaluate.py) as a user would, one after the other,
 and reads their stats.txt files; everything they wrote stays in --exp-dir, with results.json (and
@@ -41,6 +46,10 @@ ROOT = Path(__file__).resolve().parent
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("VICRegL demo: pretrain, then k-NN and a linear probe against a random network",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+                   help="classification: pretrain, then k-NN and a linear probe against a random network; "
+                        "segmentation (built-in dataset only): VICRegL and VICReg pretrained for the same time, "
+                        "then a frozen linear segmentation head on each and on a random network (mIoU)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="your images: DIR/train/<class>/<image> and DIR/val/<class>/<image> (any size, the same "
                         "class folders in both); with --dataset cifar10/cifar100/stl10, the folder of the official "
@@ -52,18 +61,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "they are missing (before the clock starts)")
     p.add_argument("--minutes", type=float, default=None,
                    help="time budget of the whole run, evaluations included (default: 7.5 for the built-in "
-                        "dataset, 10 for real images)")
+                        "dataset, 10 for real images, 25 for --task segmentation)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="at most this many pretraining steps (0: as many as fit in --minutes); "
                         "for a quick check of the pipeline")
     p.add_argument("--exp-dir", type=Path, default=None,
                    help="where every output goes (default exp/demo for the built-in dataset, "
-                        "exp/demo-<dataset or folder name> for real images)")
+                        "exp/demo-<dataset or folder name> for real images, exp/demo-seg for --task segmentation)")
     p.add_argument("--arch", default="resnet_mini", help="backbone (a ResNet, with its standard stem)")
     p.add_argument("--images", type=int, default=BUILTIN_IMAGES, help="built-in dataset: training images")
     p.add_argument("--builtin-seed", type=int, default=0, help="built-in dataset: which images are drawn")
-    p.add_argument("--quick", action="store_true", help="a 1.5-minute run (the same as --minutes 1.5): checks "
-                   "the pipeline, too short to learn much")
+    p.add_argument("--quick", action="store_true", help="a short run that checks the pipeline, too short to learn "
+                   "much: --minutes 1.5 (segmentation: 3, with short heads)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     return p
 
@@ -100,11 +109,16 @@ PRETRAIN_OVERHEAD_S = 10.0
 
 
 def brief(line: str) -> str:
-    """One short progress line for a JSON stats line (the full line is in stats.txt), or ''."""
+    """One short progress line for a JSON stats line or a segmentation "Val: " line (the full line is in
+    stats.txt), or ''."""
     try:
-        stats = json.loads(line)
+        stats = json.loads(line[len("Val: "):] if line.startswith("Val: ") else line)
     except ValueError:
         return line
+    if "mIoU" in stats:  # segmentation/train.py's evaluation
+        return f"iteration {stats['it']}: mIoU {stats['mIoU']:.1f}%, pixel accuracy {stats['aAcc']:.1f}%\n"
+    if "it" in stats and "loss" in stats:  # segmentation/train.py
+        return f"head iteration {stats['it']}: loss {stats['loss']:.3f}\n"
     if "st" in stats and "l" in stats:  # main_vicregl.py
         return f"epoch {stats['ep']} step {stats['st']}: loss {stats['l']:.3f}\n"
     if "acc1" in stats and "epoch" in stats:  # evaluate.py
@@ -126,7 +140,7 @@ def run(cmd: List[str], log: Path) -> float:
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
-            text = brief(line) if line.startswith("{") else line  # JSON lines are in stats.txt
+            text = brief(line) if line.startswith(("{", "Val: ")) else line  # JSON lines are in stats.txt
             if text:
                 sys.stdout.write("  " + text)
                 sys.stdout.flush()
@@ -282,10 +296,10 @@ def compare(args, minutes: float, exp: Path, data: List[str], counts: Dict[str, 
     return results, what
 
 
-def budget_minutes(args, default: float) -> float:
-    """The run's budget: QUICK_MINUTES with --quick, else --minutes, else ``default``; a UserError for a
+def budget_minutes(args, default: float, quick: float = QUICK_MINUTES) -> float:
+    """The run's budget: ``quick`` with --quick, else --minutes, else ``default``; a UserError for a
     budget <= 0 or a negative --max-steps."""
-    minutes = QUICK_MINUTES if args.quick else default if args.minutes is None else args.minutes
+    minutes = quick if args.quick else default if args.minutes is None else args.minutes
     if minutes <= 0 or args.max_steps < 0:
         raise UserError(f"--minutes must be > 0 and --max-steps >= 0 (got {minutes:g}, {args.max_steps})")
     return minutes
@@ -326,6 +340,79 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     return exp, results, f"built-in dataset (seed {args.builtin_seed}), {what}"
 
 
+# ----------------------------------------------------------------------------- segmentation (built-in)
+
+# Dense features: VICRegL (alpha 0.75: global and local loss) against VICReg (alpha 1.0: the global
+# loss only), pretrained for the same time on 64-pixel scenes of up to four textured objects, and a
+# random network; each gets the same frozen linear segmentation head (segmentation/train.py), trained
+# with the same seed, and is scored by mIoU over background and the object classes.
+# Pretraining: two 64-pixel crops per image (the standard stem turns them into 2x2 maps, whose four
+# positions the local loss matches); the head reads all four stages (16x16, 8x8, 4x4 and 2x2 maps of
+# a 64-pixel image, resized to 16x16 and concatenated).
+SEG_SIDE = 64
+SEG_DATA = ["--dataset", "builtin", "--builtin-size", str(SEG_SIDE), "--builtin-max-objects", "4"]
+SEG_PRETRAIN = ["--size-crops", str(SEG_SIDE), "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops",
+                "1", "--num_matches", "4", "4", "--mlp", "1024-1024-1024", "--maps-mlp", "256-256-256",
+                "--epochs", "100", "--warmup-epochs", "5", "--optimizer", "adamw", "--base-lr", "0.04",
+                "--weight-decay", "0.01", "--batch-size", "64", "--num-workers", "1", "--channels-last",
+                "--log-tensors-interval", "30", "--builtin-val-images", "16"]
+SEG_HEAD = ["--stages", "1", "2", "3", "4", "--dilated", "0", "--batch-size", "16", "--lr", "0.1", "--seed", "0",
+            "--eval-interval", "0", "--workers", "1", "--print-freq", "100"]
+SEG_ALPHAS = {"vicreg": 1.0, "vicregl": 0.75}
+SEG_METHODS = {"random": "none (random initialisation)", "vicreg": "VICReg (alpha 1.0, global loss only)",
+               "vicregl": "VICRegL (alpha 0.75, global + local loss)"}
+SEG_HEAD_ITERS, SEG_VAL_IMAGES, SEG_MINUTES = 1000, 500, 25.0
+SEG_QUICK_HEAD_ITERS, SEG_QUICK_VAL_IMAGES, SEG_QUICK_MINUTES = 30, 32, 3.0
+
+
+def head_miou(exp: Path) -> dict:
+    """The final evaluation of a segmentation/train.py run: {"miou": .., "aacc": ..} (%)."""
+    lines = [json.loads(l[len("Val: "):]) for l in (exp / "stats.txt").read_text().splitlines()
+             if l.startswith("Val: ")]
+    return {"miou": round(lines[-1]["mIoU"], 2), "aacc": round(lines[-1]["aAcc"], 2)}
+
+
+def segmentation_demo(args) -> Tuple[Path, Dict[str, dict], str]:
+    """Random, VICReg and VICRegL backbones through the same frozen linear segmentation head, within
+    --minutes: the random head runs first and measures what a head costs; the two pretrainings share
+    what is left after two more heads. (exp, {name: {"miou", "aacc"}}, description)."""
+    if args.data_dir is not None or args.dataset is not None:
+        raise UserError("--task segmentation runs on the built-in dataset (its masks): drop --data-dir/--dataset")
+    minutes = budget_minutes(args, SEG_MINUTES, SEG_QUICK_MINUTES)
+    if args.images < MIN_TRAIN_IMAGES:
+        raise UserError(f"--images must be at least {MIN_TRAIN_IMAGES}, got {args.images}")
+    iters, val_images = (SEG_QUICK_HEAD_ITERS, SEG_QUICK_VAL_IMAGES) if args.quick else (SEG_HEAD_ITERS, SEG_VAL_IMAGES)
+    start = time.time()
+    exp = (args.exp_dir or Path("exp/demo-seg")).resolve()
+    exp.mkdir(parents=True, exist_ok=True)
+    common = [*SEG_DATA, "--builtin-images", str(args.images), "--builtin-seed", str(args.builtin_seed),
+              "--arch", args.arch, "--device", args.device]
+    head = ["segmentation/train.py", *common, *SEG_HEAD, "--builtin-val-images", str(val_images), "--iters", str(iters)]
+    head_s = run([*head, "--exp-dir", str(exp / "head_random")], exp / "head_random.log")
+    left = minutes * 60 - (time.time() - start) - 2 * head_s - 2 * PRETRAIN_OVERHEAD_S
+    if left < 2 * MIN_PRETRAIN_S:
+        raise UserError(f"--minutes {minutes:g} is too short: a segmentation head takes {head_s:.0f} s and "
+                        f"{left / 2:.0f} s would be left for each pretraining (at least {MIN_PRETRAIN_S:.0f} s needed)")
+    cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    for name, alpha in SEG_ALPHAS.items():
+        run(["main_vicregl.py", *common, *SEG_PRETRAIN, "--alpha", str(alpha), "--time-budget", f"{left / 120:.3f}",
+             *cap, "--exp-dir", str(exp / name)], exp / f"{name}.log")
+    for name in SEG_ALPHAS:
+        run([*head, "--pretrained", str(exp / name / "backbone.pth"), "--exp-dir", str(exp / f"head_{name}")],
+            exp / f"head_{name}.log")
+    run(["visualize.py", "features", "--random", "--arch", args.arch, "--label", "random",
+         "--compare", *(f"{name}={exp / name / 'backbone.pth'}" for name in SEG_ALPHAS),
+         "--builtin-index", "0", "1", "2", "3", "--builtin-size", str(SEG_SIDE), "--size", str(SEG_SIDE),
+         "--stage", "2", "--panel", "160", "--device", args.device, "--out", str(exp / "features.png")],
+        exp / "features.log")
+    results = {name: head_miou(exp / f"head_{name}") for name in ("random", *SEG_ALPHAS)}
+    steps = ", ".join(f"{name} {pretrain_steps(exp / name)}" for name in SEG_ALPHAS)
+    what = (f"built-in dataset (seed {args.builtin_seed}), {SEG_SIDE}-pixel scenes, "
+            f"{datasets.BuiltinDataset('train', args.images).num_classes} object classes + background; "
+            f"pretraining steps: {steps}; linear head: {iters} iterations of 16, {val_images} evaluation images")
+    return exp, results, what
+
+
 # ----------------------------------------------------------------------------- results
 
 def results_json(results: Dict[str, dict], minutes: float) -> dict:
@@ -343,12 +430,19 @@ def write_text(path: Path, text: str) -> None:
 def main() -> None:
     args = get_args_parser().parse_args()
     start = time.time()
-    real = args.data_dir is not None or args.dataset is not None
-    exp, results, what = real_demo(args) if real else builtin_demo(args)
-    minutes = (time.time() - start) / 60
-    out = results_json(results, minutes)
-    table = [f"| backbone ({args.arch}) | k-NN top-1 (%) | linear probe top-1 (%) |", "|---|---|---|"]
-    table += [f"| {name} | {out[name]['knn_top1']:.1f} | {out[name]['linear_top1']:.1f} |" for name in results]
+    if args.task == "segmentation":
+        exp, results, what = segmentation_demo(args)
+        minutes = (time.time() - start) / 60
+        out = {**results, "minutes": round(minutes, 2)}
+        table = [f"| backbone ({args.arch}) | pretraining | mIoU (%) | pixel accuracy (%) |", "|---|---|---|---|"]
+        table += [f"| {name} | {SEG_METHODS[name]} | {r['miou']:.1f} | {r['aacc']:.1f} |" for name, r in results.items()]
+    else:
+        real = args.data_dir is not None or args.dataset is not None
+        exp, results, what = real_demo(args) if real else builtin_demo(args)
+        minutes = (time.time() - start) / 60
+        out = results_json(results, minutes)
+        table = [f"| backbone ({args.arch}) | k-NN top-1 (%) | linear probe top-1 (%) |", "|---|---|---|"]
+        table += [f"| {name} | {out[name]['knn_top1']:.1f} | {out[name]['linear_top1']:.1f} |" for name in results]
     text = "\n".join(table)
     write_text(exp / "results.json", json.dumps({**out, "data": what}, indent=1) + "\n")
     write_text(exp / "results.md", f"{text}\n\n{what}; {minutes:.1f} minutes\n")

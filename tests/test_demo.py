@@ -15,6 +15,7 @@ from PIL import Image
 
 import demo
 import evaluate
+from visualize import figure_size
 import training
 from utils import UserError
 
@@ -279,3 +280,51 @@ def test_builtin_demo_runs_the_same_timed_comparison(tmp_path):
         assert command[command.index("--builtin-seed") + 1] == "3", run
         assert command[command.index("--dataset") + 1] == "builtin", run
     assert "seed 3" in results["data"] and "10 classes" in results["data"]
+
+
+def test_segmentation_demo_compares_three_backbones_through_one_head(tmp_path):
+    """--task segmentation: VICReg (alpha 1) and VICRegL (alpha 0.75) pretrained with identical flags and
+    budget, then the same head (same flags and seed) on them and on a random network; results.json
+    holds each head's final mIoU; the images come from --builtin-seed everywhere."""
+    exp = tmp_path / "exp"
+    proc = run_demo("--task", "segmentation", "--quick", "--max-steps", "2", "--images", "64", "--builtin-seed", "3",
+                    "--arch", "resnet_test", "--exp-dir", str(exp))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((exp / "results.json").read_text())
+    assert set(results) == {"random", "vicreg", "vicregl", "minutes", "data"} and 0 < results["minutes"] < 3
+    for name in ("random", "vicreg", "vicregl"):
+        val = [json.loads(l[len("Val: "):]) for l in (exp / f"head_{name}" / "stats.txt").read_text().splitlines()
+               if l.startswith("Val: ")]
+        assert results[name]["miou"] == round(val[-1]["mIoU"], 2) and 0 < results[name]["miou"] <= 100
+    commands = {run: (exp / run / "stats.txt").read_text().splitlines()[0].split()
+                for run in ("head_random", "head_vicreg", "head_vicregl", "vicreg", "vicregl")}
+    for run, command in commands.items():
+        assert command[command.index("--builtin-seed") + 1] == "3", run
+        assert command[command.index("--builtin-size") + 1] == "64", run
+    drop = {"--pretrained", "--exp-dir", "--alpha"}
+
+    def kept(c):
+        return [a for i, a in enumerate(c) if a not in drop and c[i - 1] not in drop]
+
+    assert kept(commands["head_random"]) == kept(commands["head_vicreg"]) == kept(commands["head_vicregl"])
+    assert "--pretrained" not in commands["head_random"]
+    assert kept(commands["vicreg"]) == kept(commands["vicregl"])
+    alphas = {run: float(commands[run][commands[run].index("--alpha") + 1]) for run in ("vicreg", "vicregl")}
+    assert alphas == {"vicreg": 1.0, "vicregl": 0.75}
+    assert demo.pretrain_steps(exp / "vicreg") == demo.pretrain_steps(exp / "vicregl") == 2
+    with Image.open(exp / "features.png") as im:  # image, random, vicreg, vicregl: four columns
+        assert im.size == figure_size(4, 4, 160, 160)
+
+
+def test_segmentation_demo_refuses_real_images(tmp_path):
+    proc = run_demo("--task", "segmentation", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2 and "built-in dataset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_brief_progress_lines():
+    assert demo.brief('{"ep": 0, "st": 5, "lr": 0.1, "l": 1.5}') == "epoch 0 step 5: loss 1.500\n"
+    assert demo.brief('{"ep": 0, "it": 100, "lr": 0.1, "loss": 0.25, "t": "000000010"}') == \
+        "head iteration 100: loss 0.250\n"
+    val = 'Val: {"it": 1000, "mIoU": 24.723, "aAcc": 59.3806, "mAcc": 38.8, "IoU": {"background": 85.49}}'
+    assert demo.brief(val) == "iteration 1000: mIoU 24.7%, pixel accuracy 59.4%\n"
+    assert demo.brief("loaded weights\n") == "loaded weights\n"
