@@ -149,16 +149,20 @@ def run(cmd: List[str], log: Path) -> float:
     return time.time() - start
 
 
+def stats_lines(exp: Path, prefix: str = "") -> List[dict]:
+    """The JSON lines of ``exp``/stats.txt that start with ``prefix`` followed by "{", parsed."""
+    return [json.loads(l[len(prefix):]) for l in (exp / "stats.txt").read_text().splitlines()
+            if l.startswith(prefix + "{")]
+
+
 def summary(exp: Path) -> dict:
     """The last summary line of an evaluate.py run."""
-    lines = [json.loads(l) for l in (exp / "stats.txt").read_text().splitlines() if l.startswith("{")]
-    return [l for l in lines if l.get("summary")][-1]
+    return [l for l in stats_lines(exp) if l.get("summary")][-1]
 
 
 def pretrain_steps(exp: Path) -> int:
     """Steps done by a main_vicregl.py run: the last logged step + 1 (0 without a log line)."""
-    steps = [json.loads(l).get("st", -1) for l in (exp / "stats.txt").read_text().splitlines() if l.startswith("{")]
-    return max(steps, default=-1) + 1
+    return max((l.get("st", -1) for l in stats_lines(exp)), default=-1) + 1
 
 
 # ----------------------------------------------------------------------------- sizing (real images)
@@ -178,15 +182,16 @@ def eval_subsets(train_images: int, val_images: int, minutes: float) -> Tuple[in
     return min(train_images, bank), min(val_images, queries)
 
 
-def pretrain_minutes(minutes: float, elapsed_s: float, eval_s: float,
+def pretrain_minutes(minutes: float, elapsed_s: float, eval_s: float, evals_left: int = 1, pretrainings: int = 1,
                      overhead_s: float = PRETRAIN_OVERHEAD_S) -> float:
-    """The pretraining's --time-budget (minutes): what is left of ``minutes`` after ``elapsed_s`` seconds
-    so far, the second evaluation (``eval_s``, as long as the first) and the pretraining process's own
-    start-up and export. A UserError when less than MIN_PRETRAIN_S seconds would be left."""
-    left = minutes * 60 - elapsed_s - eval_s - overhead_s
+    """Each pretraining's --time-budget (minutes): what is left of ``minutes`` after ``elapsed_s`` seconds
+    so far, ``evals_left`` more evaluations as long as the first (``eval_s``) and each pretraining
+    process's own start-up and export, shared by ``pretrainings`` runs. A UserError when less than
+    MIN_PRETRAIN_S seconds would be left for each."""
+    left = (minutes * 60 - elapsed_s - evals_left * eval_s - pretrainings * overhead_s) / pretrainings
     if left < MIN_PRETRAIN_S:
-        raise UserError(f"--minutes {minutes:g} is too short for this data: the evaluations take "
-                        f"{eval_s:.0f} s each and {left:.0f} s would be left to pretrain (at least "
+        raise UserError(f"--minutes {minutes:g} is too short for this data: an evaluation takes "
+                        f"{eval_s:.0f} s and {left:.0f} s would be left for each pretraining (at least "
                         f"{MIN_PRETRAIN_S:.0f} s needed)")
     return left / 60
 
@@ -367,9 +372,8 @@ SEG_QUICK_HEAD_ITERS, SEG_QUICK_VAL_IMAGES, SEG_QUICK_MINUTES = 30, 32, 3.0
 
 def head_miou(exp: Path) -> dict:
     """The final evaluation of a segmentation/train.py run: {"miou": .., "aacc": ..} (%)."""
-    lines = [json.loads(l[len("Val: "):]) for l in (exp / "stats.txt").read_text().splitlines()
-             if l.startswith("Val: ")]
-    return {"miou": round(lines[-1]["mIoU"], 2), "aacc": round(lines[-1]["aAcc"], 2)}
+    last = stats_lines(exp, "Val: ")[-1]
+    return {"miou": round(last["mIoU"], 2), "aacc": round(last["aAcc"], 2)}
 
 
 def segmentation_demo(args) -> Tuple[Path, Dict[str, dict], str]:
@@ -389,13 +393,11 @@ def segmentation_demo(args) -> Tuple[Path, Dict[str, dict], str]:
               "--arch", args.arch, "--device", args.device]
     head = ["segmentation/train.py", *common, *SEG_HEAD, "--builtin-val-images", str(val_images), "--iters", str(iters)]
     head_s = run([*head, "--exp-dir", str(exp / "head_random")], exp / "head_random.log")
-    left = minutes * 60 - (time.time() - start) - 2 * head_s - 2 * PRETRAIN_OVERHEAD_S
-    if left < 2 * MIN_PRETRAIN_S:
-        raise UserError(f"--minutes {minutes:g} is too short: a segmentation head takes {head_s:.0f} s and "
-                        f"{left / 2:.0f} s would be left for each pretraining (at least {MIN_PRETRAIN_S:.0f} s needed)")
+    budget = pretrain_minutes(minutes, time.time() - start, head_s, evals_left=len(SEG_ALPHAS),
+                              pretrainings=len(SEG_ALPHAS))
     cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
     for name, alpha in SEG_ALPHAS.items():
-        run(["main_vicregl.py", *common, *SEG_PRETRAIN, "--alpha", str(alpha), "--time-budget", f"{left / 120:.3f}",
+        run(["main_vicregl.py", *common, *SEG_PRETRAIN, "--alpha", str(alpha), "--time-budget", f"{budget:.3f}",
              *cap, "--exp-dir", str(exp / name)], exp / f"{name}.log")
     for name in SEG_ALPHAS:
         run([*head, "--pretrained", str(exp / name / "backbone.pth"), "--exp-dir", str(exp / f"head_{name}")],

@@ -97,6 +97,14 @@ def test_pretraining_gets_what_the_evaluations_leave():
         demo.pretrain_minutes(1, 20, 25, overhead_s=10)  # 5 s left
 
 
+def test_two_pretrainings_share_what_the_heads_leave():
+    # the segmentation demo: 1500 s - 100 s so far (the random head) - 2 x 90 s for two more heads
+    # - 2 x 10 s start-up and export = 1200 s, i.e. 600 s = 10 minutes for each pretraining
+    assert demo.pretrain_minutes(25, 100, 90, evals_left=2, pretrainings=2, overhead_s=10) == pytest.approx(10)
+    with pytest.raises(UserError, match="10 s would be left for each pretraining"):
+        demo.pretrain_minutes(2, 40, 20, evals_left=2, pretrainings=2, overhead_s=10)  # (120-40-40-20)/2
+
+
 # ----------------------------------------------------------------------------- main_vicregl.py
 
 def test_max_steps_stops_mid_epoch_with_the_compressed_schedule(tmp_path):
