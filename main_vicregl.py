@@ -247,7 +247,8 @@ def build_data(args, info: utils.DistInfo, split: str):
     kw = dict(size_crops=args.size_crops, num_crops=args.num_crops, min_scale_crops=args.min_scale_crops,
               max_scale_crops=args.max_scale_crops, no_flip_grid=bool(args.no_flip_grid), grid_sizes=sides)
     try:
-        tf = (transforms.MultiCropTrainDataTransform(**kw) if split == "train"
+        # Training views get their colour distortion a whole batch at a time (collate_views).
+        tf = (transforms.MultiCropTrainDataTransform(**kw, batch_colours=True) if split == "train"
               else transforms.MultiCropValDataTransform(**kw))
         dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf,
                                          from_numpy=args.dataset_from_numpy,
@@ -267,7 +268,8 @@ def _loader(args, info: utils.DistInfo, dataset, split: str, train: Optional[boo
         raise UserError(f"--batch-size {batch} is larger than the training set ({len(dataset)} images)")
     return datasets.build_loader(dataset, batch, info.world_size, info.rank,
                                  train=split == "train" if train is None else train,
-                                 num_workers=args.num_workers, seed=args.seed, pin_memory=info.device.type == "cuda")
+                                 num_workers=args.num_workers, seed=args.seed, pin_memory=info.device.type == "cuda",
+                                 collate_fn=transforms.collate_views if split == "train" else None)
 
 
 def build_knn_data(args, info: utils.DistInfo):

@@ -9,7 +9,7 @@ Two implementations of the same distribution of views live here:
 * ``MultiCropTrainDataTransform``: the fast one used for training. It samples every random
   parameter of all V views with one RNG call, decodes the JPEG at a reduced scale when every crop
   allows it, resizes on uint8 tensors, and runs the colour distortion on one float tensor per crop
-  size (batched, in place).
+  size (batched, in place), or, with ``collate_views``, on all the views of a loader batch at once.
 * ``ReferenceMultiCropTransform``: the pipeline as the original implementation wrote it, crop by
   crop with torchvision/PIL transforms. It is slow (about 2× slower) and kept as the oracle that
   the tests and ``bench/transforms.py`` compare the fast one against.
@@ -284,11 +284,14 @@ def solarize_(x: torch.Tensor, threshold: int = SOLARIZE_THRESHOLD) -> torch.Ten
 
 
 def gaussian_kernels(sigmas: Sequence[float], dtype=torch.float32) -> torch.Tensor:
-    """(len(sigmas), 2R + 1) normalised 1-D Gaussian kernels sharing the radius R = ceil(3·max σ)."""
-    radius = max(1, math.ceil(3.0 * max(sigmas)))
+    """(len(sigmas), 2R + 1) normalised 1-D Gaussian kernels, kernel b of radius ceil(3·σ_b) (at
+    least 1), zero-padded to the largest radius R: a view is blurred the same whatever other views
+    share its batch."""
+    radii = torch.tensor([max(1, math.ceil(3.0 * s)) for s in sigmas], dtype=torch.float64).unsqueeze(1)
+    radius = int(radii.max())
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     sig = torch.tensor(sigmas, dtype=torch.float64).unsqueeze(1)
-    kernels = torch.exp(-0.5 * (t / sig) ** 2)  # (B, 2R + 1)
+    kernels = torch.exp(-0.5 * (t / sig) ** 2) * (t.abs() <= radii)  # (B, 2R + 1)
     return (kernels / kernels.sum(dim=1, keepdim=True)).to(dtype)
 
 
@@ -314,47 +317,46 @@ def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     return out.transpose(-1, -2).reshape(batch, channels, height, width)
 
 
+_COLOUR_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)
+
+
+def _apply_(x: torch.Tensor, views: List[int], op, *args) -> None:
+    """``op(views of x, *args)`` written back into x: in place on x itself when every view takes
+    part, else on the gathered views."""
+    if len(views) == len(x):
+        op(x, *args)
+    elif views:
+        x[views] = op(x[views], *args)
+
+
 def _jitter_(x: torch.Tensor, params: Sequence[ViewParams]) -> None:
     """ColorJitter of a batch (B, 3, H, W) in place, each view in its own sampled order.
 
-    Step t applies every view's t-th operation: the cheap blends view by view, in place; the
-    hue rotations (the costly operation) together for all views doing it at step t.
+    Step t applies every view's t-th operation: for each of the four operations, all the views
+    doing it at step t together, each with its own factor.
     """
-    blends = (adjust_brightness_, adjust_contrast_, adjust_saturation_)
     jittered = [b for b, p in enumerate(params) if p.jitter is not None]
     for step in range(4):
-        hue_views = []
-        for b in jittered:
-            op = params[b].order[step]
-            if op == 3:
-                hue_views.append(b)
-            else:
-                blends[op](x[b], params[b].jitter[op])
-        if not hue_views:
-            continue
-        shifts = torch.tensor([params[b].jitter[3] for b in hue_views], dtype=x.dtype).view(-1, 1, 1, 1)
-        if len(hue_views) == len(x):
-            adjust_hue_(x, shifts)
-        else:
-            x[hue_views] = adjust_hue_(x[hue_views], shifts)
+        for op, fn in enumerate(_COLOUR_OPS):
+            views = [b for b in jittered if params[b].order[step] == op]
+            if views:
+                factors = torch.tensor([params[b].jitter[op] for b in views], dtype=x.dtype)
+                _apply_(x, views, fn, factors.view(-1, 1, 1, 1))
 
 
 def distort_colours_(x: torch.Tensor, params: Sequence[ViewParams]) -> torch.Tensor:
     """Colour distortion of a batch of same-size views (B, 3, H, W) in [0, 1], in the reference's
-    order: jitter, grayscale, blur, solarize. Returns the distorted batch (possibly a new tensor).
+    order: jitter, grayscale, blur, solarize; each operation runs once on all the views that take
+    it. Returns the distorted batch (possibly a new tensor).
     """
     _jitter_(x, params)
-    for view, p in zip(x, params):  # views of x: the per-view operations write into x
-        if p.gray:
-            to_grayscale_(view)
+    _apply_(x, [b for b, p in enumerate(params) if p.gray], to_grayscale_)
     blurred = [b for b, p in enumerate(params) if p.blur_sigma is not None]
     if len(blurred) == len(params):
         x = gaussian_blur(x, [p.blur_sigma for p in params])
     elif blurred:
         x[blurred] = gaussian_blur(x[blurred], [params[b].blur_sigma for b in blurred])
-    for view, p in zip(x, params):
-        if p.solarize:
-            solarize_(view)
+    _apply_(x, [b for b, p in enumerate(params) if p.solarize], solarize_)
     return x
 
 
@@ -461,7 +463,10 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
     - a lazily opened JPEG (``Image.open`` without ``convert``) is decoded at 1/2, 1/4 or 1/8
       scale by libjpeg when every crop is downscaled at least that much anyway (``draft``);
     - crops are resized on uint8 channels-last tensors (same antialiased bicubic as PIL's);
-    - the colour distortion runs in place on one float tensor per crop size.
+    - the colour distortion runs in place on one float tensor per crop size; with
+      ``batch_colours=True`` it is left to ``collate_views`` (the views come back as
+      ``DeferredColours``), which runs it once on the views of the whole batch: the same views,
+      without the per-view cost of the many small colour operations (pretraining uses this).
     """
 
     # Datasets may hand over lazily opened images, which lets JPEG decoding be scaled down.
@@ -469,13 +474,13 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
 
     def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
                  max_scale_crops=(1.0, 0.4), no_flip_grid=True, grid_sizes=None,
-                 ratio=(3 / 4, 4 / 3), draft=True, generator: Optional[torch.Generator] = None):
+                 ratio=(3 / 4, 4 / 3), draft=True, generator: Optional[torch.Generator] = None,
+                 batch_colours: bool = False):
         super().__init__(size_crops, num_crops, min_scale_crops, max_scale_crops, no_flip_grid,
                          grid_sizes, ratio)
         self.draft = draft
         self.generator = generator
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(PRETRAIN_STD).view(1, 3, 1, 1)
+        self.batch_colours = bool(batch_colours)
 
     def sample_params(self, height: int, width: int) -> List[ViewParams]:
         """Every random choice of the V views of an image of that size."""
@@ -485,22 +490,27 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
                                           blur_probability(k), solarize_probability(k), uv)
                 for (g, k), uv in zip(self.view_groups, u)]
 
-    def __call__(self, img: Image.Image) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def __call__(self, img: Image.Image):
         width, height = img.size  # known from the header, before decoding
         params = self.sample_params(height, width)
         with _one_thread():
-            views = self.render(img, params)
+            if self.batch_colours:
+                crops = [c for group in self.crop(img, params) for c in group.unbind(0)]
+                views = DeferredColours(crops, params)
+            else:
+                views = self.render(img, params)
         return views, self.locations([p.crop for p in params], [p.flip for p in params])
 
-    def render(self, img: Image.Image, params: Sequence[ViewParams]) -> List[torch.Tensor]:
-        """The V normalised views (3, s, s) float32 of ``img`` for given parameters."""
+    def crop(self, img: Image.Image, params: Sequence[ViewParams]) -> List[torch.Tensor]:
+        """The views before their colour distortion: one (n_g, 3, s_g, s_g) uint8 tensor per crop
+        group, cropped, resized and flipped."""
         img, scale = self._decode(img, params)
         source = None
         if scale == 1:
             # (1, 3, H, W) uint8 with channels-last strides: no copy, and the layout that
             # torch's fast uint8 antialiased resize wants.
             source = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
-        views, start = [], 0
+        groups, start = [], 0
         for size, count in zip(self.size_crops, self.num_crops):
             group = params[start:start + count]
             start += count
@@ -512,11 +522,15 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
             for b, p in enumerate(group):
                 if p.flip:
                     x[b] = x[b].flip(-1)
-            x = distort_colours_(x.float().div_(255.0), group)
-            # Written into a contiguous tensor: the blur may leave x with transposed strides.
-            out = torch.empty(x.shape, dtype=x.dtype)
-            torch.sub(x, self.mean, out=out).div_(self.std)
-            views.extend(out.unbind(0))
+            groups.append(x)
+        return groups
+
+    def render(self, img: Image.Image, params: Sequence[ViewParams]) -> List[torch.Tensor]:
+        """The V normalised views (3, s, s) float32 of ``img`` for given parameters."""
+        views, start = [], 0
+        for x in self.crop(img, params):
+            views.extend(colour_views(x, params[start:start + len(x)]).unbind(0))
+            start += len(x)
         return views
 
     def _decode(self, img: Image.Image, params: Sequence[ViewParams]) -> Tuple[Image.Image, int]:
@@ -550,6 +564,60 @@ def _resize_pil_crop(img: Image.Image, crop: Crop, size: int, scale: int) -> tor
     box = (j / scale, i / scale, (j + w) / scale, (i + h) / scale)
     out = img.resize((size, size), Image.BICUBIC, box=box)
     return torch.from_numpy(np.array(out)).permute(2, 0, 1).unsqueeze(0)
+
+
+def colour_views(x: torch.Tensor, params: Sequence[ViewParams]) -> torch.Tensor:
+    """Views (B, 3, s, s) uint8, each with its parameters, colour-distorted and normalised (mean
+    ``IMAGENET_MEAN``, std ``PRETRAIN_STD``): a new contiguous (B, 3, s, s) float32 tensor."""
+    x = distort_colours_(x.float().div_(255.0), params)
+    # Written into a contiguous tensor: the blur may leave x with transposed strides.
+    out = torch.empty(x.shape, dtype=x.dtype)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PRETRAIN_STD).view(1, 3, 1, 1)
+    return torch.sub(x, mean, out=out).div_(std)
+
+
+# collate_views distorts at most this many values at once (1 MiB of float32): enough views to amortise
+# the fixed cost of each small operation on small crops (85 views of 32 px, 21 of 64 px), few enough
+# that large ones stay in the CPU's caches (one view of 224 px, no slower than image by image).
+COLOUR_CHUNK = 1 << 18
+
+
+class DeferredColours:
+    """The views of one image before their colour distortion (``batch_colours=True``): V uint8
+    crops (3, s, s) and their parameters. ``collate_views`` finishes them a whole batch at a
+    time, which saves most of the per-view cost of the many small colour operations."""
+
+    __slots__ = ("crops", "params")
+
+    def __init__(self, crops: List[torch.Tensor], params: List[ViewParams]):
+        self.crops, self.params = crops, params
+
+
+def collate_views(samples):
+    """DataLoader collate for samples ``((views, locations), label)``: as the default collate, and
+    views left as ``DeferredColours`` are colour-distorted and normalised here, all views of the
+    batch with the same side at once. The result is what the per-image transform would have given
+    (the same operations with the same parameters), as a list of V tensors (B, 3, s, s)."""
+    first = samples[0][0][0]
+    if not isinstance(first, DeferredColours):
+        return torch.utils.data.default_collate(samples)
+    batch, num_views = len(samples), len(first.crops)
+    views: List[Optional[torch.Tensor]] = [None] * num_views
+    with _one_thread():
+        by_side = {}
+        for v, crop in enumerate(first.crops):
+            by_side.setdefault(crop.shape[-1], []).append(v)
+        for side, indices in by_side.items():  # view-major: view v of every sample, then view v + 1
+            x = torch.stack([s[0][0].crops[v] for v in indices for s in samples])
+            params = [s[0][0].params[v] for v in indices for s in samples]
+            chunk = max(1, COLOUR_CHUNK // (3 * side * side))
+            out = torch.cat([colour_views(x[i:i + chunk], params[i:i + chunk]) for i in range(0, len(x), chunk)])
+            for k, v in enumerate(indices):
+                views[v] = out[k * batch:(k + 1) * batch]
+    locations = torch.utils.data.default_collate([s[0][1] for s in samples])
+    labels = torch.utils.data.default_collate([s[1] for s in samples])
+    return (views, locations), labels
 
 
 class MultiCropValDataTransform:
