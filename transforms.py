@@ -566,15 +566,17 @@ def _resize_pil_crop(img: Image.Image, crop: Crop, size: int, scale: int) -> tor
     return torch.from_numpy(np.array(out)).permute(2, 0, 1).unsqueeze(0)
 
 
+_PRETRAIN_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_PRETRAIN_STD = torch.tensor(PRETRAIN_STD).view(1, 3, 1, 1)
+
+
 def colour_views(x: torch.Tensor, params: Sequence[ViewParams]) -> torch.Tensor:
     """Views (B, 3, s, s) uint8, each with its parameters, colour-distorted and normalised (mean
     ``IMAGENET_MEAN``, std ``PRETRAIN_STD``): a new contiguous (B, 3, s, s) float32 tensor."""
     x = distort_colours_(x.float().div_(255.0), params)
     # Written into a contiguous tensor: the blur may leave x with transposed strides.
     out = torch.empty(x.shape, dtype=x.dtype)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PRETRAIN_STD).view(1, 3, 1, 1)
-    return torch.sub(x, mean, out=out).div_(std)
+    return torch.sub(x, _PRETRAIN_MEAN, out=out).div_(_PRETRAIN_STD)
 
 
 # collate_views distorts at most this many values at once (1 MiB of float32): enough views to amortise
