@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine:
 #   make demo   install into ./.venv, pretrain on the built-in dataset, evaluate, print a table
 #   make test   install into ./.venv and run the test suite
-# and, longer (25 minutes on a 2-core CPU):
+# and, longer (27.5 minutes on a 2-core CPU):
 #   make demo-seg  VICRegL against VICReg and a random network, by frozen linear segmentation
 PYTHON ?= python3
 VENV   ?= .venv
