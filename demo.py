@@ -82,8 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # The standard ResNet stem (no --small-input) makes a 32-pixel crop 16 times cheaper than the small-input
 # stem, and two 32-pixel crops per image (no small crops) keep the data loading cheap: about 0.35 s a
 # step of 128 images on one thread, against about 3 s for the small-input stem with 2x32 + 4x16 crops,
-# so that many more images are seen in the budget. The price: the last feature map of a 32-pixel crop is 1x1, so
-# the local loss matches that single position (--num_matches 1 1). Pretraining runs for the time it is
+# so that many more images are seen in the budget. The price: the last feature map of a 32-pixel crop
+# is 1x1, so the local loss matches that single position (--num_matches 1 1). Pretraining runs for the time it is
 # given (--time-budget): --epochs and --warmup-epochs only shape the schedule (the warmup's share of
 # the run); a small dataset may finish its epochs earlier.
 SIDE = 32  # working resolution: crops of 32 pixels, evaluation at 32
@@ -401,8 +401,8 @@ def segmentation_demo(args) -> Tuple[Path, Dict[str, dict], str]:
                               pretrainings=len(SEG_ALPHAS))
     cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
     for name, alpha in SEG_ALPHAS.items():
-        run(["main_vicregl.py", *common, "--builtin-size", str(SEG_SIDE), *SEG_PRETRAIN, "--alpha", str(alpha), "--time-budget", f"{budget:.3f}",
-             *cap, "--exp-dir", str(exp / name)], exp / f"{name}.log")
+        run(["main_vicregl.py", *common, "--builtin-size", str(SEG_SIDE), *SEG_PRETRAIN, "--alpha", str(alpha),
+             "--time-budget", f"{budget:.3f}", *cap, "--exp-dir", str(exp / name)], exp / f"{name}.log")
     for name in SEG_ALPHAS:
         run([*head, "--pretrained", str(exp / name / "backbone.pth"), "--exp-dir", str(exp / f"head_{name}")],
             exp / f"head_{name}.log")
