@@ -159,13 +159,15 @@ def test_builtin_scene_is_the_same_at_any_side():
     with the 64-pixel mask except along the outlines; a different scene agrees far less."""
     small = datasets.BuiltinDataset("val", num_images=10, image_size=64, max_objects=4)
     large = datasets.BuiltinDataset("val", num_images=10, image_size=96, max_objects=4)
+    def shrink(m):
+        return np.array(Image.fromarray(m).resize((64, 64), Image.NEAREST))
+
     same, other = [], []
     for i in range(10):
         _, mask, label = small.sample(i)
         _, big, big_label = large.sample(i)
         _, next_big, _ = large.sample((i + 1) % 10)
         assert label == big_label
-        shrink = lambda m: np.array(Image.fromarray(m).resize((64, 64), Image.NEAREST))  # noqa: E731
         same.append((shrink(big) == mask).mean())
         other.append((shrink(next_big) == mask).mean())
     assert min(same) > 0.97 and max(other) < 0.9, (same, other)
