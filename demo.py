@@ -358,8 +358,9 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
 # half. Measured on two seeds, against 64 pixels: VICRegL - random 10.5 -> 12.5 and 9.3 -> 10.0. The
 # head reads all four stages (24x24, 12x12, 6x6 and 3x3 maps, resized to 24x24 and concatenated).
 # AdamW at --base-lr 0.01 (a peak of 2.5e-3 for batch 64): a quarter of the former 0.04 gave better
-# dense features on every seed measured (VICRegL 19.1 -> 22.5 at 0.02 -> 26.0 at 0.01 with seed 1;
-# 22.4 -> 27.5 with seed 0; see the README).
+# dense features on every seed measured (VICRegL 19.1 -> 22.5 at 0.02 -> 26.0 at 0.01 with seed 1,
+# 22.4 -> 27.5 with seed 0, 22.6 -> 22.9 with seed 2; VICReg 13.1 -> 28.8 and 18.1 -> 24.7; see the
+# README).
 SEG_SIDE, SEG_HEAD_SIDE = 64, 96
 SEG_DATA = ["--dataset", "builtin", "--builtin-max-objects", "4"]
 SEG_PRETRAIN = ["--size-crops", str(SEG_SIDE), "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops",
