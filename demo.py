@@ -355,8 +355,9 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
 # positions the local loss matches). The heads see the same scenes drawn at 96 pixels (the renderer
 # scales everything with the side): the crops (30-100% of a scene's area, resized to 64 pixels) show
 # the textures magnified 1-1.8 times, so 96 pixels is the scale pretraining saw, and the maps grow by
-# half. Measured on two seeds, against 64 pixels: VICRegL - random 10.5 -> 12.5 and 9.3 -> 10.0. The
-# head reads all four stages (24x24, 12x12, 6x6 and 3x3 maps, resized to 24x24 and concatenated).
+# half. Measured on two seeds (backbones pretrained at --base-lr 0.04), against heads at 64 pixels:
+# VICRegL - random 10.5 -> 12.5 and 9.3 -> 10.0. The head reads all four stages (24x24, 12x12, 6x6
+# and 3x3 maps, resized to 24x24 and concatenated).
 # AdamW at --base-lr 0.01 (a peak of 2.5e-3 for batch 64): a quarter of the former 0.04 gave better
 # dense features on every seed measured (VICRegL 19.1 -> 22.5 at 0.02 -> 26.0 at 0.01 with seed 1,
 # 22.4 -> 27.5 with seed 0, 22.6 -> 22.9 with seed 2; VICReg 13.1 -> 28.8 and 18.1 -> 24.7; see the
