@@ -126,7 +126,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="minutes of training (0: no limit), counted from the start of the run (data and model "
                         "building included; a resumed run continues the count saved in model.pth): the "
                         "learning-rate schedule (warmup and cosine, shaped by --warmup-epochs out of --epochs) "
-                        "follows the clock instead of the steps, and the run ends cleanly, checkpoint and "
+                        "follows the clock instead of the steps (or the steps, where they are further along "
+                        "in --epochs than the clock is in the budget, so that the cosine also ends when "
+                        "--epochs comes first), and the run ends cleanly, checkpoint and "
                         "backbone written, when one more step would overrun the budget (or after --epochs / "
                         "--max-steps, if they come first)")
     g.add_argument("--batch-size", type=int, default=512,
@@ -510,15 +512,17 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
             if clock is None:
                 lr = utils.learning_schedule(step, args.batch_size, args.base_lr, args.end_lr_ratio, total_steps,
                                              warmup_steps)
-            else:  # the position in the schedule of --epochs is the share of the budget used
+            else:  # the position in the schedule of --epochs: the share of the budget used or of the
+                # steps done, whichever is further along, so that the cosine ends with the run whether the
+                # clock or --epochs ends it
                 now = time.time()
                 clock.tick(now)
                 # process 0's clock, so that every process sets the same rate
                 args.budget_used_s, spent = stop.agree_clock(clock.used(now), clock.done(now))
                 if spent:
                     total_steps = step  # the budget is spent: end here
-                lr = utils.learning_schedule(min(args.budget_used_s / clock.seconds, 1.0) * epoch_steps,
-                                             args.batch_size, args.base_lr, args.end_lr_ratio, epoch_steps,
+                where = max(min(args.budget_used_s / clock.seconds, 1.0) * epoch_steps, step)
+                lr = utils.learning_schedule(where, args.batch_size, args.base_lr, args.end_lr_ratio, epoch_steps,
                                              warmup_epoch_steps)
             if step >= total_steps:
                 break

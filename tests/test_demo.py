@@ -132,9 +132,11 @@ def test_max_steps_stops_mid_epoch_with_the_compressed_schedule(tmp_path):
 
 def test_time_budget_schedule_follows_the_clock_across_a_resume(tmp_path):
     # a budget of 100 hours (10% warmup): whatever this machine's speed, the few seconds of these
-    # steps are far inside the warmup, so every lr is positive, rising, and a small part of the peak
+    # steps are far inside the warmup, so every lr is positive, rising, and a small part of the peak.
+    # --epochs 10^6 (8 million steps): the steps are further behind in theirs, so the clock leads
     exp, peak = tmp_path / "run", 0.008
-    flags = [*TINY_PRETRAIN, "--epochs", "10", "--warmup-epochs", "1", "--time-budget", "6000", "--exp-dir", str(exp)]
+    flags = [*TINY_PRETRAIN, "--epochs", "1000000", "--warmup-epochs", "100000", "--time-budget", "6000",
+             "--exp-dir", str(exp)]
     used = []
     for cap in ("6", "9"):  # the second run resumes the first and continues its clock
         proc = subprocess.run([sys.executable, "main_vicregl.py", *flags, "--max-steps", cap], cwd=ROOT, env=ENV,
@@ -143,10 +145,29 @@ def test_time_budget_schedule_follows_the_clock_across_a_resume(tmp_path):
         used.append(torch.load(exp / "model.pth", weights_only=True)["args"]["budget_used_s"])
     lrs = [l["lr"] for l in stats(exp)]
     assert len(lrs) == 9 and all(0 < a < b < 0.05 * peak for a, b in zip(lrs, lrs[1:]))
-    # warmup: 8 of 80 steps = 36,000 s, lr = peak * seconds used / 36,000 at the start of each step. The
+    # warmup: a tenth of the budget = 36,000 s, lr = peak * seconds used / 36,000 at the start of each step. The
     # resumed steps start after the first run's time (saved when it ended) and before the second run's end
     for lr in lrs[6:]:
         assert peak * used[0] / 36000 < lr <= peak * used[1] / 36000
+
+
+def test_time_budget_schedule_ends_with_the_epochs_when_they_come_first(tmp_path):
+    # a budget of 100 hours, but --epochs 2 (16 steps) ends the run within seconds: the steps are further
+    # along than the clock, so the schedule is the steps' own: 8 steps of warmup, then the cosine from
+    # 0.008 down to 0.00008 over the other 8, nearly spent at the last step
+    exp = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "main_vicregl.py", *TINY_PRETRAIN, "--epochs", "2", "--warmup-epochs", "1",
+                           "--time-budget", "6000", "--exp-dir", str(exp)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak, end = 0.008, 0.00008
+    expected = [peak * s / 8 for s in range(8)] + [end + (peak - end) * 0.5 * (1 + np.cos(np.pi * s / 8))
+                                                  for s in range(8)]
+    lrs = [l["lr"] for l in stats(exp) if "st" in l]
+    # step 0: the clock leads by the start-up time, a tiny share of 100 hours (under 1e-4 for anything
+    # below half an hour, and far below step 1's 0.001)
+    assert 0 < lrs[0] < 1e-4 and lrs[1:] == pytest.approx(expected[1:], rel=1e-9, abs=1e-12)
+    assert (exp / "backbone.pth").is_file()
 
 
 def test_a_spent_time_budget_ends_the_run_cleanly(tmp_path):
