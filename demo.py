@@ -85,7 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # so that many more images are seen in the budget. The price: the last feature map of a 32-pixel crop
 # is 1x1, so the local loss matches that single position (--num_matches 1 1). Pretraining runs for the time it is
 # given (--time-budget): --epochs and --warmup-epochs only shape the schedule (the warmup's share of
-# the run); a small dataset may finish its epochs earlier.
+# the run); a small dataset on a fast machine may finish its epochs earlier, and then the schedule ends
+# with them.
 SIDE = 32  # working resolution: crops of 32 pixels, evaluation at 32
 BATCH = 128
 PRETRAIN = ["--size-crops", "32", "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops", "1",
@@ -360,8 +361,8 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
 # and 3x3 maps, resized to 24x24 and concatenated).
 # AdamW at --base-lr 0.01 (a peak of 2.5e-3 for batch 64): a quarter of the former 0.04 gave better
 # dense features on every seed measured (VICRegL 19.1 -> 22.5 at 0.02 -> 26.0 at 0.01 with seed 1,
-# 22.4 -> 27.5 with seed 0, 22.6 -> 22.9 with seed 2; VICReg 13.1 -> 28.8 and 18.1 -> 24.7; see the
-# README). Crops of 15-100% instead of 30-100% put VICRegL ahead of VICReg on seeds 0 and 1 (18.5 against
+# 22.4 -> 27.5 with seed 0, 22.6 -> 22.9 with seed 2; VICReg 13.1 -> 28.8 with seed 0, 15.8 -> 22.4 with
+# seed 1, 18.1 -> 24.7 with seed 2; see the README). Crops of 15-100% instead of 30-100% put VICRegL ahead of VICReg on seeds 0 and 1 (18.5 against
 # 16.0, 29.0 against 20.6) but cost both nine to thirteen points with seed 0: kept 30-100%.
 SEG_SIDE, SEG_HEAD_SIDE = 64, 96
 SEG_DATA = ["--dataset", "builtin", "--builtin-max-objects", "4"]
