@@ -92,17 +92,23 @@ def test_eval_subsets(train, val, minutes, expected):
 
 def test_pretraining_gets_what_the_evaluations_leave():
     # 600 s - 30 s so far - 45 s for the second evaluation - 10 s start-up and export = 515 s
-    assert demo.pretrain_minutes(10, 30, 45, overhead_s=10) == pytest.approx(515 / 60)
+    assert demo.pretrain_minutes(10, 30, 45, overhead_s=10, margin=0) == pytest.approx(515 / 60)
+    # and a reserve of 2% of the 600 s: 12 s less
+    assert demo.pretrain_minutes(10, 30, 45, overhead_s=10, margin=0.02) == pytest.approx(503 / 60)
     with pytest.raises(UserError, match="--minutes 1 is too short"):
-        demo.pretrain_minutes(1, 20, 25, overhead_s=10)  # 5 s left
+        demo.pretrain_minutes(1, 20, 25, overhead_s=10, margin=0)  # 5 s left
 
 
 def test_two_pretrainings_share_what_the_heads_leave():
     # the segmentation demo: 1500 s - 100 s so far (the random head) - 2 x 90 s for two more heads
     # - 2 x 10 s start-up and export = 1200 s, i.e. 600 s = 10 minutes for each pretraining
-    assert demo.pretrain_minutes(25, 100, 90, evals_left=2, pretrainings=2, overhead_s=10) == pytest.approx(10)
+    assert demo.pretrain_minutes(25, 100, 90, evals_left=2, pretrainings=2, overhead_s=10, margin=0) == \
+        pytest.approx(10)
+    # a reserve of 10% (150 s) leaves 1050 s to share
+    assert demo.pretrain_minutes(25, 100, 90, evals_left=2, pretrainings=2, overhead_s=10, margin=0.1) == \
+        pytest.approx(525 / 60)
     with pytest.raises(UserError, match="10 s would be left for each pretraining"):
-        demo.pretrain_minutes(2, 40, 20, evals_left=2, pretrainings=2, overhead_s=10)  # (120-40-40-20)/2
+        demo.pretrain_minutes(2, 40, 20, evals_left=2, pretrainings=2, overhead_s=10, margin=0)  # (120-40-40-20)/2
 
 
 # ----------------------------------------------------------------------------- main_vicregl.py
