@@ -84,6 +84,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="smallest area fraction of each group's crops")
     g.add_argument("--max_scale_crops", type=float, nargs="+", default=[1, 0.4],
                    help="largest area fraction of each group's crops")
+    g.add_argument("--blur-prob", type=float, nargs=2, default=[1.0, 0.1], metavar=("EVEN", "ODD"),
+                   help="probability of the Gaussian blur (sigma 0.1-2 pixels) of the crops with an even and an "
+                        "odd index in their group (the reference's 1.0 and 0.1; small images such as 32-pixel "
+                        "crops lose most of their detail to it: 0 0 turns it off)")
     g.add_argument("--no-flip-grid", type=int, default=1,
                    help="1: keep the location grid of a flipped crop unflipped (what the published "
                         "models used); 0: mirror it with the crop")
@@ -217,6 +221,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
                         f"are the pair of large views, so at least 2 crops in all")
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    if not all(0.0 <= p <= 1.0 for p in args.blur_prob):
+        raise UserError(f"--blur-prob needs two probabilities in [0, 1] (even and odd crops), got {args.blur_prob}")
     for flag, value in (("--batch-size", args.batch_size), ("--val-batch-size", args.val_batch_size)):
         if value < 1 or value % world_size:
             raise UserError(f"{flag} {value} must be a positive multiple of the number of processes "
@@ -250,7 +256,8 @@ def build_data(args, info: utils.DistInfo, split: str):
               max_scale_crops=args.max_scale_crops, no_flip_grid=bool(args.no_flip_grid), grid_sizes=sides)
     try:
         # Training views get their colour distortion a whole batch at a time (collate_views).
-        tf = (transforms.MultiCropTrainDataTransform(**kw, batch_colours=True) if split == "train"
+        tf = (transforms.MultiCropTrainDataTransform(**kw, batch_colours=True, blur_p=args.blur_prob)
+              if split == "train"
               else transforms.MultiCropValDataTransform(**kw))
         dataset = datasets.build_dataset(args.dataset, args.data_dir, split, tf,
                                          from_numpy=args.dataset_from_numpy,

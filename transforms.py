@@ -467,6 +467,9 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
       ``batch_colours=True`` it is left to ``collate_views`` (the views come back as
       ``DeferredColours``), which runs it once on the views of the whole batch: the same views,
       without the per-view cost of the many small colour operations (pretraining uses this).
+
+    ``blur_p`` (even, odd): the probability of the Gaussian blur for crops with an even and an odd
+    index inside their group (default: the reference's 1.0 and 0.1).
     """
 
     # Datasets may hand over lazily opened images, which lets JPEG decoding be scaled down.
@@ -475,9 +478,13 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
     def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
                  max_scale_crops=(1.0, 0.4), no_flip_grid=True, grid_sizes=None,
                  ratio=(3 / 4, 4 / 3), draft=True, generator: Optional[torch.Generator] = None,
-                 batch_colours: bool = False):
+                 batch_colours: bool = False, blur_p: Optional[Sequence[float]] = None):
         super().__init__(size_crops, num_crops, min_scale_crops, max_scale_crops, no_flip_grid,
                          grid_sizes, ratio)
+        self.blur_p = (blur_probability(0), blur_probability(1)) if blur_p is None else tuple(blur_p)
+        if len(self.blur_p) != 2 or not all(0.0 <= p <= 1.0 for p in self.blur_p):
+            raise ValueError(f"blur probabilities must be two numbers in [0, 1] (even and odd crops), "
+                             f"got {list(blur_p)}")
         self.draft = draft
         self.generator = generator
         self.batch_colours = bool(batch_colours)
@@ -487,7 +494,7 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
         u = torch.rand(self.num_views, _U_PER_VIEW, dtype=torch.float64,
                        generator=self.generator).tolist()
         return [view_params_from_uniforms(height, width, self.scales[g], self.ratio,
-                                          blur_probability(k), solarize_probability(k), uv)
+                                          self.blur_p[k % 2], solarize_probability(k), uv)
                 for (g, k), uv in zip(self.view_groups, u)]
 
     def __call__(self, img: Image.Image):

@@ -194,6 +194,7 @@ def _free_port():
 @pytest.mark.parametrize("extra,message", [
     (["--size-crops", "32"], "--size-crops, --num-crops"),
     (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
+    (["--blur-prob", "1", "-0.5"], "--blur-prob needs two probabilities in [0, 1]"),
     (["--num_matches", "20", "4"], "--num_matches [20, 4]: 20 matches requested from view 0, which has only 16"),
     (["--arch", "resnet7"], "unknown --arch 'resnet7'"),
     (["--arch", "convnext_test", "--size-crops", "64", "16"], "--size-crops 16 is too small for --arch convnext_test"),

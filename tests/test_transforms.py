@@ -190,6 +190,23 @@ def test_sampled_parameters_follow_the_published_distribution():
         assert lo - 0.005 < area.min() < lo + 0.01 and hi - 0.05 < area.max() < hi + 0.005
 
 
+@pytest.mark.parametrize("blur_p,even_rate,odd_rate", [((0.0, 0.0), 0.0, 0.0), ((0.5, 1.0), 0.5, 1.0)])
+def test_blur_probabilities_can_be_chosen(blur_p, even_rate, odd_rate):
+    """--blur-prob EVEN ODD: the blur's rate on crops with an even and an odd index in their group
+    (2000 of each, fixed seed; 0.035 is about 3 standard errors at p 0.5); the other choices keep
+    their published rates."""
+    transform = tr.MultiCropTrainDataTransform(generator=torch.Generator().manual_seed(0), blur_p=blur_p)
+    rows = [(k, p) for _ in range(500)
+            for (_, k), p in zip(transform.view_groups, transform.sample_params(1000, 1000))]
+    even = [p.blur_sigma is not None for k, p in rows if k % 2 == 0]
+    odd = [p.blur_sigma is not None for k, p in rows if k % 2 == 1]
+    assert np.mean(even) == pytest.approx(even_rate, abs=0.035)
+    assert np.mean(odd) == pytest.approx(odd_rate, abs=0.035)
+    assert np.mean([p.solarize for k, p in rows if k % 2 == 1]) == pytest.approx(0.2, abs=0.04)
+    with pytest.raises(ValueError, match="blur probabilities"):
+        tr.MultiCropTrainDataTransform(blur_p=(1.5, 0.1))
+
+
 # ------------------------------------------------------------------------------------------
 # Structure of the transforms and argument checks
 # ------------------------------------------------------------------------------------------
