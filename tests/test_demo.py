@@ -28,6 +28,13 @@ TINY_PRETRAIN = ["--dataset", "builtin", "--builtin-images", "64", "--builtin-si
                  "--base-lr", "0.256", "--end-lr-ratio", "0.01"]
 
 
+def pretrain(exp: Path, *flags: str) -> None:
+    """main_vicregl.py on the tiny built-in setting with ``flags``, writing to ``exp``; it must succeed."""
+    proc = subprocess.run([sys.executable, "main_vicregl.py", *TINY_PRETRAIN, *flags, "--exp-dir", str(exp)], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def stats(exp: Path):
     return [json.loads(l) for l in (exp / "stats.txt").read_text().splitlines() if l.startswith("{")]
 
@@ -117,10 +124,7 @@ def test_max_steps_stops_mid_epoch_with_the_compressed_schedule(tmp_path):
     # 64 images / 8 = 8 steps an epoch; --epochs 10 (80 steps, 8 of warmup) compressed into 11 steps:
     # warmup round(8 * 11 / 80) = 1 step, then a cosine from 0.256 * 8 / 256 = 0.008 down to 0.00008
     exp = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "main_vicregl.py", *TINY_PRETRAIN, "--epochs", "10", "--warmup-epochs", "1",
-                           "--max-steps", "11", "--exp-dir", str(exp)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    pretrain(exp, "--epochs", "10", "--warmup-epochs", "1", "--max-steps", "11")
     lines = stats(exp)
     assert [l["st"] for l in lines] == list(range(11)) and lines[-1]["ep"] == 1
     peak, end = 0.008, 0.00008
@@ -130,10 +134,8 @@ def test_max_steps_stops_mid_epoch_with_the_compressed_schedule(tmp_path):
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 3)  # where it stopped: 8 + 3 steps
     assert (exp / "backbone.pth").is_file()
     # a second run resumes there and has nothing left to do
-    again = subprocess.run([sys.executable, "main_vicregl.py", *TINY_PRETRAIN, "--epochs", "10", "--warmup-epochs", "1",
-                            "--max-steps", "11", "--exp-dir", str(exp)], cwd=ROOT, env=ENV, capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode == 0 and len(stats(exp)) == 11
+    pretrain(exp, "--epochs", "10", "--warmup-epochs", "1", "--max-steps", "11")
+    assert len(stats(exp)) == 11
 
 
 def test_time_budget_schedule_follows_the_clock_across_a_resume(tmp_path):
@@ -141,13 +143,9 @@ def test_time_budget_schedule_follows_the_clock_across_a_resume(tmp_path):
     # steps are far inside the warmup, so every lr is positive, rising, and a small part of the peak.
     # --epochs 10^6 (8 million steps): the steps are further behind in theirs, so the clock leads
     exp, peak = tmp_path / "run", 0.008
-    flags = [*TINY_PRETRAIN, "--epochs", "1000000", "--warmup-epochs", "100000", "--time-budget", "6000",
-             "--exp-dir", str(exp)]
     used = []
     for cap in ("6", "9"):  # the second run resumes the first and continues its clock
-        proc = subprocess.run([sys.executable, "main_vicregl.py", *flags, "--max-steps", cap], cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        pretrain(exp, "--epochs", "1000000", "--warmup-epochs", "100000", "--time-budget", "6000", "--max-steps", cap)
         used.append(torch.load(exp / "model.pth", weights_only=True)["args"]["budget_used_s"])
     lrs = [l["lr"] for l in stats(exp)]
     assert len(lrs) == 9 and all(0 < a < b < 0.05 * peak for a, b in zip(lrs, lrs[1:]))
@@ -162,10 +160,7 @@ def test_time_budget_schedule_ends_with_the_epochs_when_they_come_first(tmp_path
     # along than the clock, so the schedule is the steps' own: 8 steps of warmup, then the cosine from
     # 0.008 down to 0.00008 over the other 8, nearly spent at the last step
     exp = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "main_vicregl.py", *TINY_PRETRAIN, "--epochs", "2", "--warmup-epochs", "1",
-                           "--time-budget", "6000", "--exp-dir", str(exp)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    pretrain(exp, "--epochs", "2", "--warmup-epochs", "1", "--time-budget", "6000")
     peak, end = 0.008, 0.00008
     expected = [peak * s / 8 for s in range(8)] + [end + (peak - end) * 0.5 * (1 + np.cos(np.pi * s / 8))
                                                   for s in range(8)]
@@ -179,10 +174,7 @@ def test_time_budget_schedule_ends_with_the_epochs_when_they_come_first(tmp_path
 def test_a_spent_time_budget_ends_the_run_cleanly(tmp_path):
     # 6 ms: spent before the first step (building the data and the model takes longer)
     exp = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "main_vicregl.py", *TINY_PRETRAIN, "--epochs", "10", "--time-budget",
-                           "0.0001", "--exp-dir", str(exp)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    pretrain(exp, "--epochs", "10", "--time-budget", "0.0001")
     assert not [l for l in stats(exp) if "st" in l] and (exp / "backbone.pth").is_file()
     assert torch.load(exp / "model.pth", weights_only=True)["step_in_epoch"] == 0
 
