@@ -47,9 +47,17 @@ from utils import UserError
 ROOT = Path(__file__).resolve().parent
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to a flag's help, except where the default is None: those flags say in
+    their own words what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("VICRegL demo: pretrain, then k-NN and a linear probe against a random network",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
                    help="classification: pretrain, then k-NN and a linear probe against a random network; "
                         "segmentation (built-in dataset only): VICRegL and VICReg pretrained for the same time, "

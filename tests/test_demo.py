@@ -355,3 +355,12 @@ def test_brief_progress_lines():
     val = 'Val: {"it": 1000, "mIoU": 24.723, "aAcc": 59.3806, "mAcc": 38.8, "IoU": {"background": 85.49}}'
     assert demo.brief(val) == "iteration 1000: mIoU 24.7%, pixel accuracy 59.4%\n"
     assert demo.brief("loaded weights\n") == "loaded weights\n"
+
+
+def test_help_shows_no_none_defaults():
+    # Flags whose default is None explain their default in their own words; the formatter must not add
+    # "(default: None)" after it, while the other flags keep their "(default: ...)".
+    text = " ".join(demo.get_args_parser().format_help().split())
+    assert "(default: None)" not in text
+    assert "(default: 7.5 for the built-in dataset" in text
+    assert "'cpu' or 'cuda' (default: auto)" in text
