@@ -40,6 +40,8 @@ from typing import Dict, List, Optional, Tuple
 # the run's clock starts here, before torch is imported: --minutes bounds the whole process
 STARTED = time.time()
 
+import torch
+
 import datasets
 import utils
 from utils import UserError
@@ -183,7 +185,14 @@ def summary(exp: Path) -> dict:
 
 
 def pretrain_steps(exp: Path) -> int:
-    """Steps done by a main_vicregl.py run: the last logged step + 1 (0 without a log line)."""
+    """Steps done by a main_vicregl.py run, as its checkpoint counts them (stats.txt may miss the last
+    ones: a run that the clock ends logs no line for its last step); for a checkpoint without the count,
+    the last logged step + 1 (0 without a log line)."""
+    ckpt = exp / "model.pth"
+    if ckpt.is_file():
+        steps = torch.load(ckpt, map_location="cpu", weights_only=True).get("steps")
+        if steps is not None:
+            return int(steps)
     return max((l.get("st", -1) for l in stats_lines(exp)), default=-1) + 1
 
 

@@ -565,7 +565,7 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
             position = i + 1
             if stop.requested(step, info.device):
                 check_pending(pending, None)
-                save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc)
+                save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc, steps_per_epoch)
                 if main_proc:
                     print(f"\nsignal {stop.signum}: checkpoint saved at epoch {epoch}, step {i + 1}; exiting",
                           flush=True)
@@ -576,7 +576,7 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
         if next_epoch % args.checkpoint_freq == 0 or final:
             # a run that ends within an epoch (--max-steps, --time-budget) saves where it is
             at = (next_epoch, 0) if position == steps_per_epoch else (epoch, position)
-            save_checkpoint(ckpt_path, model, optimizer, scaler, args, *at, main_proc)
+            save_checkpoint(ckpt_path, model, optimizer, scaler, args, *at, main_proc, steps_per_epoch)
         if val_loader is not None and args.evaluate and next_epoch % args.eval_freq == 0:
             logger.log({training.EPOCH: epoch, **validate(model, val_loader, info.device, autocast)},
                        training.VAL_PREFIX, step=next_epoch * steps_per_epoch - 1)  # the epoch's last step
@@ -594,10 +594,12 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,
-                    main_proc: bool) -> None:
-    """model.pth: reference keys (epoch, model with module., optimizer) plus scaler, step, args."""
+                    main_proc: bool, steps_per_epoch: int) -> None:
+    """model.pth: reference keys (epoch, model with module., optimizer) plus scaler, step_in_epoch, steps
+    (done in all, with this run's steps per epoch: the last one is not always in stats.txt), args."""
     training.save_state(path, lambda: dict(
-        epoch=epoch, step_in_epoch=step_in_epoch, model=with_module_prefix(model.state_dict()),
+        epoch=epoch, step_in_epoch=step_in_epoch, steps=epoch * steps_per_epoch + step_in_epoch,
+        model=with_module_prefix(model.state_dict()),
         optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
         args=training.plain_args(args)), main_proc)
 

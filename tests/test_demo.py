@@ -171,6 +171,20 @@ def test_time_budget_schedule_ends_with_the_epochs_when_they_come_first(tmp_path
     assert (exp / "backbone.pth").is_file()
 
 
+def test_pretrain_steps_counts_the_unlogged_last_steps_of_a_run_the_clock_ends(tmp_path):
+    # 640 images / 8 = 80 steps an epoch; with one log line a day only the epochs' last steps are
+    # logged, and a 9-second budget ends the run within an epoch (79 positions in 80): its last steps
+    # have no line in stats.txt, and the count must still include them
+    exp = tmp_path / "run"
+    pretrain(exp, "--builtin-images", "640", "--epochs", "1000", "--time-budget", "0.15",
+             "--log-tensors-interval", "86400")
+    ckpt = torch.load(exp / "model.pth", weights_only=True)
+    done = ckpt["epoch"] * 80 + ckpt["step_in_epoch"]
+    assert done > 0 and demo.pretrain_steps(exp) == done
+    logged = [l["st"] for l in stats(exp) if "st" in l]
+    assert all((s + 1) % 80 == 0 for s in logged)  # only epoch ends were logged
+
+
 def test_a_spent_time_budget_ends_the_run_cleanly(tmp_path):
     # 6 ms: spent before the first step (building the data and the model takes longer)
     exp = tmp_path / "run"
