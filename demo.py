@@ -40,10 +40,9 @@ from typing import Dict, List, Optional, Tuple
 # the run's clock starts here, before torch is imported: --minutes bounds the whole process
 STARTED = time.time()
 
-import torch
-
 import datasets
 import utils
+from models.checkpoints import read_checkpoint
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parent
@@ -190,7 +189,7 @@ def pretrain_steps(exp: Path) -> int:
     the last logged step + 1 (0 without a log line)."""
     ckpt = exp / "model.pth"
     if ckpt.is_file():
-        steps = torch.load(ckpt, map_location="cpu", weights_only=True).get("steps")
+        steps = read_checkpoint(ckpt).get("steps")
         if steps is not None:
             return int(steps)
     return max((l.get("st", -1) for l in stats_lines(exp)), default=-1) + 1
