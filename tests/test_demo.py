@@ -141,11 +141,14 @@ def test_max_steps_stops_mid_epoch_with_the_compressed_schedule(tmp_path):
 def test_time_budget_schedule_follows_the_clock_across_a_resume(tmp_path):
     # a budget of 100 hours (10% warmup): whatever this machine's speed, the few seconds of these
     # steps are far inside the warmup, so every lr is positive, rising, and a small part of the peak.
-    # --epochs 10^6 (8 million steps): the steps are further behind in theirs, so the clock leads
+    # --epochs 10^8 (800 million steps): the steps are further behind in theirs, so the clock leads as
+    # long as a step takes more than 360,000 s / 8e8 = 0.45 ms (with 10^6 epochs a fast machine's 40-ms
+    # steps were ahead of the clock and the schedule followed them instead)
     exp, peak = tmp_path / "run", 0.008
     used = []
     for cap in ("6", "9"):  # the second run resumes the first and continues its clock
-        pretrain(exp, "--epochs", "1000000", "--warmup-epochs", "100000", "--time-budget", "6000", "--max-steps", cap)
+        pretrain(exp, "--epochs", "100000000", "--warmup-epochs", "10000000", "--time-budget", "6000",
+                 "--max-steps", cap)
         used.append(torch.load(exp / "model.pth", weights_only=True)["args"]["budget_used_s"])
     lrs = [l["lr"] for l in stats(exp)]
     assert len(lrs) == 9 and all(0 < a < b < 0.05 * peak for a, b in zip(lrs, lrs[1:]))
