@@ -127,8 +127,10 @@ EVALUATE = ["--crop-size", "32", "--resize-size", "32", "--batch-size", "256",
 # 20 neighbours, as evaluate.py. 200 (the other usual choice) put the pretrained network 0.2 to 1.4 points
 # further ahead on real CIFAR-10 (0.2 to 0.4 after 10 minutes), but 9 points less far ahead on the
 # built-in textures (k-NN 50.7 against 59.6 on the same backbone).
-# Evaluation subsets per minute of budget: extracting features runs at about 700 images/s on 2 cores, so
-# 1,500 images a minute (bank and queries, twice) keep both evaluations to about a tenth of the budget.
+# Evaluation subsets per minute of budget: extracting features ran at about 700 images/s on a slow 2-core
+# machine (about 3,000 on a faster one, with the 30,000 images of both evaluations of a 10-minute demo in
+# about 10 s), so 1,500 images a minute (bank and queries, twice) keep both evaluations to at most about
+# a tenth of the budget.
 BANK_PER_MINUTE, QUERIES_PER_MINUTE, MIN_BANK, MIN_QUERIES = 1000, 500, 1000, 500
 MIN_TRAIN_IMAGES, MIN_VAL_IMAGES, MIN_PRETRAIN_S = 16, 2, 20.0
 # The built-in dataset: 32-pixel scenes with one object (its texture is the class); images are drawn on
