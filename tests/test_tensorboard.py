@@ -192,3 +192,32 @@ def test_missing_package_is_one_line_before_any_work(module, argv, tmp_path, mon
     assert capsys.readouterr().err.splitlines() == [
         "error: --tensorboard needs the tensorboard package: pip install tensorboard"]
     assert not (exp / "stats.txt").exists()  # stopped before any work, not when the logger opened
+
+
+# ----------------------------------------------------------------------------- under torchrun
+
+def test_under_torchrun_only_rank_0_writes_and_the_board_matches_its_log(tmp_path):
+    """Two gloo processes, one step each per epoch: one event file (rank 0's), holding the numbers of
+    the stats.txt lines that rank 0 alone writes."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exp = tmp_path / "exp"
+    argv = [a for a in PRETRAIN if a not in ("--evaluate",)]
+    argv = argv[:argv.index("--eval-freq")] + argv[argv.index("--eval-freq") + 2:]  # no validation
+    argv[argv.index("96")] = "32"  # 32 images, batch 16: two steps an epoch
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(port), *argv, "--epochs", "2", "--exp-dir", str(exp),
+                           "--tensorboard"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(list((exp / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    lines = stats_lines(exp)
+    assert [l["st"] for _, l in lines] == [0, 1, 2, 3]  # each step logged once, not once per rank
+    expected = expected_points(lines, lambda p, l: ("train", l["st"]))
+    board = read_board(exp)
+    for tag, points in expected.items():
+        got = sorted(board[tag])
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-9), tag
+    assert sorted(s for s, _ in board["train/images_per_s"]) == [0, 1, 2, 3]
