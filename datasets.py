@@ -758,6 +758,66 @@ class ResumableDistributedSampler(DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
+def physical_memory() -> int:
+    """Bytes of memory of this machine (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+class InMemoryImages(Dataset):
+    """Every image of ``dataset`` decoded once into one uint8 tensor (N, 3, H, W), so that the training
+    views of a whole batch are made at once (``transform.batch``, a ``MultiCropTrainDataTransform``)
+    instead of image by image: for small images, where the per-image work costs more than the
+    arithmetic. The images must all have one size and take at most half of the machine's memory (a
+    ValueError says which rule failed). ``__getitem__`` gives what ``dataset`` gives with
+    ``transform``; unreadable files were skipped while decoding (``num_unreadable``)."""
+
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset, self.transform = dataset, transform
+        saved = dataset.transform
+        dataset.transform = None  # the decoded RGB image
+        try:
+            first, _ = dataset[0]
+            width, height = first.size
+            need, have = len(dataset) * 3 * height * width, physical_memory()
+            if have and need > have // 2:
+                raise ValueError(f"{len(dataset)} images of {width}x{height} take {need / 2 ** 30:.1f} GiB decoded, "
+                                 f"more than half of this machine's {have / 2 ** 30:.1f} GiB of memory")
+            self.images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8)
+            labels = []
+            for index in range(len(dataset)):
+                img, label = (first, _) if index == 0 else dataset[index]
+                if img.size != (width, height):
+                    where = getattr(dataset, "samples", None)
+                    name = f" ({where[index][0]})" if where else ""
+                    raise ValueError(f"images of different sizes cannot be held as one array: image {index}"
+                                     f"{name} is {img.size[0]}x{img.size[1]}, image 0 is {width}x{height}")
+                self.images[index] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+                labels.append(label)
+        finally:
+            dataset.transform = saved
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.num_classes = getattr(dataset, "num_classes", 0)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
+        return self.transform(img), int(self.labels[index])
+
+    def sample_params(self):
+        """The random choices of one image's views (``transform.sample_params``)."""
+        return self.transform.sample_params(self.images.shape[2], self.images.shape[3])
+
+    def batch(self, indices: Sequence[int], params):
+        """The views of images ``indices`` with their ``params``, made at once (``transform.batch``)."""
+        indices = torch.as_tensor(indices)
+        return self.transform.batch(self.images[indices], params, self.labels[indices])
+
+
 class EpochSeededDataset(Dataset):
     """Makes every random augmentation a function of (seed, epoch, index) alone.
 
@@ -780,13 +840,27 @@ class EpochSeededDataset(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, key):
-        epoch, index = key
+    def _seed(self, epoch: int, index: int) -> None:
         state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2, dtype=np.uint32)
         torch.random.default_generator.manual_seed(int(state[0]) << 32 | int(state[1]))
         random.seed(int(state[0]))
         np.random.seed(int(state[1]))
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self._seed(epoch, index)
         return self.dataset[index]
+
+    def __getitems__(self, keys):
+        """A whole batch (what the DataLoader asks for): made at once when the dataset can
+        (``InMemoryImages``), from the same random draws as sample by sample; else sample by sample."""
+        if not isinstance(self.dataset, InMemoryImages):
+            return [self[key] for key in keys]
+        params = []
+        for epoch, index in keys:
+            self._seed(epoch, index)
+            params.append(self.dataset.sample_params())
+        return self.dataset.batch([index for _, index in keys], params)
 
 
 def build_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0,

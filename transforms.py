@@ -540,6 +540,20 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
             start += len(x)
         return views
 
+    def batch(self, images: torch.Tensor, params: Sequence[Sequence[ViewParams]], labels) -> "BatchOfViews":
+        """The views of B images (B, 3, H, W) uint8 at once, image b with the V views' parameters
+        ``params[b]`` (from ``sample_params``): the crops, flips and location grids that ``__call__``
+        makes (the crops up to the rounding of the resize), their colour distortion left to
+        ``collate_views``, which returns the same batch as for B single images."""
+        views, locations = [], []
+        for v, (g, _) in enumerate(self.view_groups):
+            crops = torch.tensor([p[v].crop[:4] for p in params])
+            flips = torch.tensor([p[v].flip for p in params])
+            views.append(crop_batch(images, crops, flips, self.size_crops[g]))
+            locations.append(location_grids(crops, self.grid_sizes[g], None if self.no_flip_grid else flips))
+        per_view = [[p[v] for p in params] for v in range(self.num_views)]
+        return BatchOfViews(views, per_view, locations, torch.as_tensor(labels, dtype=torch.int64))
+
     def _decode(self, img: Image.Image, params: Sequence[ViewParams]) -> Tuple[Image.Image, int]:
         """Decode to RGB; returns (image, scale) where scale is the JPEG draft reduction (1, 2,
         4 or 8): the decoded image is the original shrunk by ``scale``."""
@@ -608,25 +622,102 @@ def collate_views(samples):
     views left as ``DeferredColours`` are colour-distorted and normalised here, all views of the
     batch with the same side at once. The result is what the per-image transform would have given
     (the same operations with the same parameters), as a list of V tensors (B, 3, s, s)."""
+    if isinstance(samples, BatchOfViews):  # made a batch at a time (MultiCropTrainDataTransform.batch)
+        views = _colour_by_side(lambda v: samples.views[v], lambda v: samples.params[v], len(samples.views),
+                                one_thread=False)
+        return (views, samples.locations), samples.labels
     first = samples[0][0][0]
     if not isinstance(first, DeferredColours):
         return torch.utils.data.default_collate(samples)
-    batch, num_views = len(samples), len(first.crops)
-    views: List[Optional[torch.Tensor]] = [None] * num_views
-    with _one_thread():
-        by_side = {}
-        for v, crop in enumerate(first.crops):
-            by_side.setdefault(crop.shape[-1], []).append(v)
-        for side, indices in by_side.items():  # view-major: view v of every sample, then view v + 1
-            x = torch.stack([s[0][0].crops[v] for v in indices for s in samples])
-            params = [s[0][0].params[v] for v in indices for s in samples]
-            chunk = max(1, COLOUR_CHUNK // (3 * side * side))
-            out = torch.cat([colour_views(x[i:i + chunk], params[i:i + chunk]) for i in range(0, len(x), chunk)])
-            for k, v in enumerate(indices):
-                views[v] = out[k * batch:(k + 1) * batch]
+    views = _colour_by_side(lambda v: torch.stack([s[0][0].crops[v] for s in samples]),
+                            lambda v: [s[0][0].params[v] for s in samples], len(first.crops))
     locations = torch.utils.data.default_collate([s[0][1] for s in samples])
     labels = torch.utils.data.default_collate([s[1] for s in samples])
     return (views, locations), labels
+
+
+def _colour_by_side(crops, params, num_views: int, one_thread: bool = True) -> List[torch.Tensor]:
+    """The V colour-distorted, normalised views (B, 3, s, s) from ``crops(v)`` (B, 3, s, s) and
+    ``params(v)`` (B parameters), all views of one side distorted together, in chunks."""
+    views: List[Optional[torch.Tensor]] = [None] * num_views
+    with _one_thread() if one_thread else contextlib.nullcontext():
+        by_side = {}
+        for v in range(num_views):
+            x = crops(v)
+            by_side.setdefault(x.shape[-1], []).append((v, x))
+        for side, group in by_side.items():  # view-major: view v of every sample, then view v + 1
+            x = torch.cat([x for _, x in group])
+            p = [q for v, _ in group for q in params(v)]
+            chunk = max(1, COLOUR_CHUNK // (3 * side * side))
+            out = torch.cat([colour_views(x[i:i + chunk], p[i:i + chunk]) for i in range(0, len(x), chunk)])
+            batch = len(out) // len(group)
+            for k, (v, _) in enumerate(group):
+                views[v] = out[k * batch:(k + 1) * batch]
+    return views
+
+
+# --------------------------------------------------------------------------------------------
+# Whole batches at once, for images held in memory (all of one size)
+# --------------------------------------------------------------------------------------------
+
+def _cubic(t: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic convolution kernel with a = -0.5 (PIL's and torch's antialiased bicubic)."""
+    t = t.abs().clamp_(max=2.0)  # the kernel is 0 from 2 on, as the far piece is at 2
+    near = (1.5 * t - 2.5) * t * t + 1.0
+    far = (((t - 5.0) * t + 8.0) * t - 4.0).mul_(-0.5)
+    return torch.where(t < 1.0, near, far)
+
+
+def resize_weights(starts: torch.Tensor, lengths: torch.Tensor, size: int, out: int) -> torch.Tensor:
+    """Matrices (K, out, size) that resize the segments [start, start + length) of an axis of ``size``
+    pixels to ``out`` pixels, as an antialiased bicubic resize of the cropped segment does: output o is
+    centred at start + (o + 0.5)·length/out, the kernel is widened by length/out when that exceeds 1
+    (shrinking), only pixels of the segment contribute, and each row sums to 1."""
+    starts, lengths = starts.float().view(-1, 1, 1), lengths.float().view(-1, 1, 1)
+    scale = lengths / out
+    support = scale.clamp(min=1.0)
+    centres = starts + (torch.arange(out, dtype=torch.float32).view(1, -1, 1) + 0.5) * scale
+    pixels = torch.arange(size, dtype=torch.float32).view(1, 1, -1)
+    w = _cubic((pixels + 0.5 - centres) / support)
+    w.mul_((pixels >= starts) & (pixels < starts + lengths))
+    return w.div_(w.sum(-1, keepdim=True))
+
+
+def crop_batch(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Views (K, 3, size, size) float32 of integer values in [0, 255]: crop k = (i, j, h, w) of image k of
+    ``images`` (K, 3, H, W) uint8, resized like ``_resize_tensor_crop`` (antialiased bicubic, rounded),
+    mirrored where ``flips``. Two batched matrix products instead of one resize call per crop."""
+    _, _, height, width = images.shape
+    rows = resize_weights(crops[:, 0], crops[:, 2], height, size)  # (K, size, H)
+    cols = resize_weights(crops[:, 1], crops[:, 3], width, size)  # (K, size, W)
+    cols = torch.where(flips.view(-1, 1, 1), cols.flip(1), cols)
+    x = torch.matmul(rows.unsqueeze(1), images.float())  # (K, 3, size, W)
+    x = torch.matmul(x, cols.transpose(1, 2).unsqueeze(1))  # (K, 3, size, size)
+    return x.round_().clamp_(0.0, 255.0)
+
+
+def location_grids(crops: torch.Tensor, grid_size: int, flips: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``location_grid`` of K crops (K, 4+) at once: (K, N, N, 2) float32; columns reversed where
+    ``flips``."""
+    crops = crops.double()
+    centres = torch.arange(grid_size, dtype=torch.float64) + 0.5  # (N,), as location_grid computes them
+    rows = crops[:, 0:1] + centres * (crops[:, 2:3] / grid_size)  # (K, N)
+    cols = crops[:, 1:2] + centres * (crops[:, 3:4] / grid_size)
+    if flips is not None:
+        cols = torch.where(flips.view(-1, 1), cols.flip(1), cols)
+    n = grid_size
+    grid = torch.stack([rows.unsqueeze(2).expand(-1, n, n), cols.unsqueeze(1).expand(-1, n, n)], dim=-1)
+    return grid.float()
+
+
+class BatchOfViews:
+    """The views of a whole batch before their colour distortion, made by
+    ``MultiCropTrainDataTransform.batch``; ``collate_views`` finishes them."""
+
+    __slots__ = ("views", "params", "locations", "labels")
+
+    def __init__(self, views, params, locations, labels):
+        self.views, self.params, self.locations, self.labels = views, params, locations, labels
 
 
 class MultiCropValDataTransform:

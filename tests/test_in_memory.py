@@ -1,0 +1,239 @@
+"""--in-memory: training images decoded once into one array, their views made a whole batch at a time.
+
+The batched views are checked against the reference's own PIL/torchvision operations applied with the
+same random parameters, and those parameters against what the image-by-image path draws for the same
+(seed, epoch, index): the same views, so runs and resumes behave as without --in-memory.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import datasets
+import transforms as tr
+from test_transforms import grey_level_diffs, render_like_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_folder(root, sizes, seed=0):
+    """root/<class>/<k>.png: photograph-like images (datasets.synthetic_photo) of the given (width, height),
+    alternating between two classes (k even: a, odd: b)."""
+    for k, (width, height) in enumerate(sizes):
+        folder = root / ("a" if k % 2 == 0 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        datasets.synthetic_photo(width, height, seed=seed + k).save(folder / f"{k:03d}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------- the resize as matrices
+
+def cubic_kernel(t):
+    """Keys' cubic kernel with a = -0.5, written from its textbook definition."""
+    a, t = -0.5, abs(t)
+    if t < 1:
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+    if t < 2:
+        return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+    return 0.0
+
+
+def naive_weights(start, length, size, out):
+    """One output row at a time: output o samples the segment at start + (o + 0.5)·length/out, the
+    kernel widened by length/out when shrinking, restricted to the segment and normalised."""
+    scale = length / out
+    support = max(scale, 1.0)
+    w = np.zeros((out, size))
+    for o in range(out):
+        centre = start + (o + 0.5) * scale
+        for x in range(start, start + length):
+            w[o, x] = cubic_kernel((x + 0.5 - centre) / support)
+        w[o] /= w[o].sum()
+    return w
+
+
+@pytest.mark.parametrize("out", [8, 16, 48])  # shrinking, both, enlarging
+def test_resize_weights_equal_a_naive_loop(out):
+    g = torch.Generator().manual_seed(out)
+    starts = torch.randint(0, 20, (12,), generator=g)
+    lengths = torch.randint(1, 21, (12,), generator=g)
+    got = tr.resize_weights(starts, lengths, 40, out)
+    for k in range(12):
+        want = naive_weights(int(starts[k]), int(lengths[k]), 40, out)
+        # float32 positions of up to 40 pixels: kernel arguments rounded by about 4e-6
+        np.testing.assert_allclose(got[k].numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_crop_batch_equals_torchs_resize_of_each_crop():
+    """Crops of 24x40 images (every size from 1 pixel to the whole side), resized to 16 and 32 pixels
+    and flipped: torch's antialiased bicubic resize of each cropped image on its own, in float, then
+    rounded to grey levels (torch's uint8 resize also rounds and clips between its two passes, which
+    moves noise-like images by a few levels more)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 24, 40), dtype=torch.uint8, generator=g)
+    images[:20] = (images[:20].float() * torch.linspace(0, 1, 40)).to(torch.uint8)  # smoother ones too
+    i = torch.randint(0, 24, (40,), generator=g)
+    j = torch.randint(0, 40, (40,), generator=g)
+    h = (torch.rand(40, generator=g) * (24 - i)).long() + 1
+    w = (torch.rand(40, generator=g) * (40 - j)).long() + 1
+    crops, flips = torch.stack([i, j, h, w], 1), torch.rand(40, generator=g) < 0.5
+    for size in (16, 32):
+        got = tr.crop_batch(images, crops, flips, size)
+        assert got.dtype == torch.float32 and got.shape == (40, 3, size, size)
+        for k in range(40):
+            a, b, c, d = crops[k].tolist()
+            want = F.interpolate(images[k:k + 1, :, a:a + c, b:b + d].float(), size=(size, size), mode="bicubic",
+                                 antialias=True)[0].round().clamp(0, 255)
+            if flips[k]:
+                want = want.flip(-1)
+            diff = (got[k] - want).abs()
+            assert diff.max() <= 1 and diff.mean() < 0.01, (k, crops[k].tolist(), size)
+
+
+def test_location_grids_equal_the_single_grid():
+    g = torch.Generator().manual_seed(1)
+    crops = torch.cat([torch.randint(0, 50, (30, 2), generator=g), torch.randint(1, 60, (30, 2), generator=g)], 1)
+    flips = torch.rand(30, generator=g) < 0.5
+    for n in (1, 3, 7):
+        got = tr.location_grids(crops, n, flips)
+        for k in range(30):
+            assert torch.equal(got[k], tr.location_grid(crops[k].tolist(), n, flip=bool(flips[k])))
+        assert torch.equal(tr.location_grids(crops, n)[3], tr.location_grid(crops[3].tolist(), n))
+
+
+# ----------------------------------------------------------------------------- whole batches
+
+def test_batched_views_are_the_reference_operations_with_the_per_image_draws(tmp_path):
+    """Two crop sizes, flipped grids (--no-flip-grid 0), blur on: each view of a batch made at once is
+    the reference's PIL/torchvision pipeline applied with parameters that are exactly those the
+    image-by-image path draws for the same (epoch, index)."""
+    root = write_folder(tmp_path / "train", [(36, 28)] * 12)
+    kw = dict(size_crops=(32, 16), num_crops=(2, 3), min_scale_crops=(0.3, 0.1), max_scale_crops=(1.0, 0.4),
+              grid_sizes=(2, 1), no_flip_grid=False, batch_colours=True, blur_p=(1.0, 0.1))
+    transform = tr.MultiCropTrainDataTransform(**kw)
+    plain = datasets.ImageFolderDataset(root, transform)
+    memory = datasets.InMemoryImages(datasets.ImageFolderDataset(root, tr.MultiCropTrainDataTransform(**kw)),
+                                     tr.MultiCropTrainDataTransform(**kw))
+    keys = [(3, 7), (3, 0), (3, 11), (3, 4), (3, 7)]  # an image twice: its two samples differ by index only
+    made = datasets.EpochSeededDataset(memory, seed=5).__getitems__(keys)
+    assert isinstance(made, tr.BatchOfViews)
+    one_by_one = datasets.EpochSeededDataset(plain, seed=5).__getitems__(keys)
+    (views, grids), labels = tr.collate_views(made)
+    assert [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
+    assert labels.tolist() == [plain.samples[i][1] for _, i in keys] == [1, 0, 1, 0, 1]
+    params = [[made.params[v][b] for v in range(5)] for b in range(5)]
+    assert all(ps[v].blur_sigma is not None for ps in params for v in (0, 2, 4))  # blur_p 1.0: even in group
+    assert any(p.flip for ps in params for p in ps) and any(p.jitter is None for ps in params for p in ps)
+    for b, (epoch, index) in enumerate(keys):
+        (deferred, their_grids), _ = one_by_one[b]
+        assert deferred.params == params[b]  # the same random draws
+        for v, grid in enumerate(their_grids):
+            assert torch.equal(grids[v][b], grid)
+        image = Image.open(plain.samples[index][0]).convert("RGB")
+        theirs = render_like_reference(image, params[b], transform)
+        for v, d in enumerate(grey_level_diffs([view[b] for view in views], theirs)):
+            assert d.mean() < 3.0, (b, v, params[b][v])
+            assert (d > 16).float().mean() < 0.01, (b, v, params[b][v])
+        # and next to the image-by-image views: only the resize's rounding differs (at most a grey level,
+        # on some pixels, which brightness and contrast factors of up to 1.4 each can double)
+        for v, d in enumerate(grey_level_diffs([view[b] for view in views], transform.render(image, params[b]))):
+            assert d.mean() < 1.0, (b, v, params[b][v])
+
+
+def test_other_datasets_still_load_sample_by_sample(tmp_path):
+    root = write_folder(tmp_path / "train", [(20, 20)] * 4)
+    dataset = datasets.EpochSeededDataset(datasets.ImageFolderDataset(root, None), seed=0)
+    items = dataset.__getitems__([(0, 2), (0, 1)])
+    # a/000 a/002 b/001 b/003
+    assert [label for _, label in items] == [1, 0] and all(isinstance(img, Image.Image) for img, _ in items)
+
+
+def test_arrays_and_builtin_scenes_are_held_with_their_labels():
+    transform = tr.MultiCropTrainDataTransform(size_crops=(32,), num_crops=(2,), min_scale_crops=(0.3,),
+                                               max_scale_crops=(1.0,), grid_sizes=(1,), batch_colours=True)
+    builtin = datasets.BuiltinDataset("train", 6, image_size=32)
+    memory = datasets.InMemoryImages(builtin, transform)
+    assert memory.images.shape == (6, 3, 32, 32) and memory.num_classes == builtin.num_classes
+    for k in range(6):
+        image, _, label = builtin.sample(k)
+        assert torch.equal(memory.images[k], torch.from_numpy(np.array(image)).permute(2, 0, 1))
+        assert int(memory.labels[k]) == label
+    assert builtin.transform is None  # given back as it was
+
+
+def test_images_of_different_sizes_are_refused_by_name(tmp_path):
+    root = write_folder(tmp_path / "train", [(32, 32), (32, 32), (40, 32)])
+    with pytest.raises(ValueError, match=r"002\.png\) is 40x32, image 0 is 32x32"):
+        datasets.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform())
+
+
+def test_images_that_would_fill_the_memory_are_refused(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "train", [(32, 32)] * 3)
+    monkeypatch.setattr(datasets, "physical_memory", lambda: 2 * 3 * 3 * 32 * 32 - 2)
+    with pytest.raises(ValueError, match=r"3 images of 32x32 take 0.0 GiB decoded, more than half of this machine"):
+        datasets.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform())
+    monkeypatch.setattr(datasets, "physical_memory", lambda: 2 * 3 * 3 * 32 * 32)
+    assert datasets.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform()).images.shape[0] == 3
+
+
+def test_main_vicregl_names_the_flag_for_images_of_different_sizes(tmp_path):
+    write_folder(tmp_path / "data" / "train", [(32, 32)] * 20 + [(40, 32)])
+    proc = subprocess.run([sys.executable, "main_vicregl.py", "--dataset", "imagenet1k", "--data-dir",
+                           str(tmp_path / "data"), "--in-memory", "--num-workers", "0", "--arch", "resnet_test",
+                           "--size-crops", "32", "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops",
+                           "1", "--num_matches", "1", "1", "--mlp", "32-32", "--maps-mlp", "16-16", "--batch-size",
+                           "8", "--device", "cpu", "--exp-dir", str(tmp_path / "exp")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --in-memory: images of different sizes cannot be held as one array: image 10 (")
+    assert last.endswith("020.png) is 40x32, image 0 is 32x32")
+
+
+def test_stopped_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
+    """A run stopped within an epoch (SIGTERM) and restarted ends with the weights of a run that was not
+    stopped: the batched views depend on (seed, epoch, index) alone."""
+    from test_main import TINY, run, same_weights
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "main_vicregl.py", *TINY, "--in-memory", "--exp-dir", str(stopped)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line)["st"] == 1:  # 6 steps an epoch, 12 in all
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    ckpt = torch.load(stopped / "model.pth", weights_only=True)
+    assert 2 <= ckpt["epoch"] * 6 + ckpt["step_in_epoch"] < 12
+    resumed = run(stopped, "--in-memory")
+    assert "--in-memory: 96 training images of 32x32 decoded" in resumed.stdout
+    run(whole, "--in-memory")
+    same_weights(whole / "model.pth", stopped / "model.pth")
+
+
+def test_demo_holds_small_images_of_one_size_in_memory(tmp_path, monkeypatch):
+    import demo
+    uniform = datasets.ImageFolderDataset(write_folder(tmp_path / "uniform", [(32, 32)] * 4))
+    mixed = datasets.ImageFolderDataset(write_folder(tmp_path / "mixed", [(32, 32)] * 3 + [(32, 33)]))
+    assert demo.loading_flags(uniform) == ["--in-memory", "--num-workers", "0"]
+    assert demo.loading_flags(datasets.BuiltinDataset("train", 8, image_size=32)) == ["--in-memory", "--num-workers", "0"]
+    assert demo.loading_flags(mixed) == ["--num-workers", "1"]
+    monkeypatch.setattr(demo, "IN_MEMORY_BYTES", 4 * 3 * 32 * 32 - 1)
+    assert demo.loading_flags(uniform) == ["--num-workers", "1"]
