@@ -113,19 +113,27 @@ def location_grid(crop: Sequence[int], grid_size: int, flip: bool = False) -> to
     crop: (i, j, h, w, H, W) as returned by ``sample_crop``; grid_size: N.
     Returns (N, N, 2) float32 with grid[k, l] = (i + (k + 0.5)·h/N, j + (l + 0.5)·w/N) as
     (row, col). ``flip=True`` reverses the columns (l → N − 1 − l), so that column l describes
-    what the horizontally flipped view shows at column l.
+    what the horizontally flipped view shows at column l. ``location_grids`` does many crops at once.
     """
-    i, j, h, w = (float(v) for v in crop[:4])
+    crops = torch.tensor([[float(v) for v in crop[:4]]], dtype=torch.float64)
+    return location_grids(crops, grid_size, torch.tensor([bool(flip)]))[0]
+
+
+def location_grids(crops: torch.Tensor, grid_size: int, flips: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``location_grid`` of K crops (K, 4+) (i, j, h, w, ...) at once: (K, N, N, 2) float32, columns
+    reversed where ``flips`` (K,) bool."""
     if grid_size < 1:
         raise ValueError(f"grid_size must be >= 1, got {grid_size}")
     # float64 then float32: exact to float32 rounding (the reference accumulated in float32).
+    crops = crops.double()
     centres = torch.arange(grid_size, dtype=torch.float64) + 0.5  # (N,)
-    rows = i + centres * (h / grid_size)  # (N,)
-    cols = j + centres * (w / grid_size)  # (N,)
-    if flip:
-        cols = cols.flip(0)
-    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (N, N, 2)
-    return grid.to(torch.float32)
+    rows = crops[:, 0:1] + centres * (crops[:, 2:3] / grid_size)  # (K, N)
+    cols = crops[:, 1:2] + centres * (crops[:, 3:4] / grid_size)
+    if flips is not None:
+        cols = torch.where(flips.view(-1, 1), cols.flip(1), cols)
+    n = grid_size
+    grid = torch.stack([rows.unsqueeze(2).expand(-1, n, n), cols.unsqueeze(1).expand(-1, n, n)], dim=-1)
+    return grid.float()
 
 
 def default_grid_size(size: int, stride: int = 32) -> int:
@@ -418,8 +426,13 @@ class _MultiCropConfig:
 
     def locations(self, crops: Sequence[Crop], flips: Sequence[bool]) -> List[torch.Tensor]:
         """The V location grids (N_g, N_g, 2) float32 of the views' crops and flips."""
-        return [location_grid(crop, self.grid_sizes[g], flip=flip and not self.no_flip_grid)
-                for (g, _), crop, flip in zip(self.view_groups, crops, flips)]
+        grids, start = [], 0
+        for n, side in zip(self.num_crops, self.grid_sizes):  # one computation per group
+            group = torch.tensor([[float(v) for v in c[:4]] for c in crops[start:start + n]], dtype=torch.float64)
+            mirrored = None if self.no_flip_grid else torch.tensor([bool(f) for f in flips[start:start + n]])
+            grids.extend(location_grids(group, side, mirrored).unbind(0))
+            start += n
+        return grids
 
     def __repr__(self):
         return (f"{type(self).__name__}(size_crops={self.size_crops}, num_crops={self.num_crops}, "
@@ -694,20 +707,6 @@ def crop_batch(images: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, s
     x = torch.matmul(rows.unsqueeze(1), images.float())  # (K, 3, size, W)
     x = torch.matmul(x, cols.transpose(1, 2).unsqueeze(1))  # (K, 3, size, size)
     return x.round_().clamp_(0.0, 255.0)
-
-
-def location_grids(crops: torch.Tensor, grid_size: int, flips: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``location_grid`` of K crops (K, 4+) at once: (K, N, N, 2) float32; columns reversed where
-    ``flips``."""
-    crops = crops.double()
-    centres = torch.arange(grid_size, dtype=torch.float64) + 0.5  # (N,), as location_grid computes them
-    rows = crops[:, 0:1] + centres * (crops[:, 2:3] / grid_size)  # (K, N)
-    cols = crops[:, 1:2] + centres * (crops[:, 3:4] / grid_size)
-    if flips is not None:
-        cols = torch.where(flips.view(-1, 1), cols.flip(1), cols)
-    n = grid_size
-    grid = torch.stack([rows.unsqueeze(2).expand(-1, n, n), cols.unsqueeze(1).expand(-1, n, n)], dim=-1)
-    return grid.float()
 
 
 class BatchOfViews:

@@ -106,15 +106,18 @@ def test_crop_batch_equals_torchs_resize_of_each_crop():
             assert diff.max() <= 1 and diff.mean() < 0.01, (k, crops[k].tolist(), size)
 
 
-def test_location_grids_equal_the_single_grid():
-    g = torch.Generator().manual_seed(1)
-    crops = torch.cat([torch.randint(0, 50, (30, 2), generator=g), torch.randint(1, 60, (30, 2), generator=g)], 1)
-    flips = torch.rand(30, generator=g) < 0.5
-    for n in (1, 3, 7):
-        got = tr.location_grids(crops, n, flips)
-        for k in range(30):
-            assert torch.equal(got[k], tr.location_grid(crops[k].tolist(), n, flip=bool(flips[k])))
-        assert torch.equal(tr.location_grids(crops, n)[3], tr.location_grid(crops[3].tolist(), n))
+def test_location_grids_of_many_crops_reproduce_reference_vectors(data_dir):
+    """All the reference's grids of one side in one call, flipped and unflipped crops mixed."""
+    cases = torch.load(data_dir / "location_grids.pt", weights_only=True)
+    for n in sorted({case["N"] for case in cases}):
+        chosen = [case for case in cases if case["N"] == n]
+        assert len({case["flip"] for case in chosen}) == 2
+        got = tr.location_grids(torch.tensor([case["crop"] for case in chosen]), n,
+                                torch.tensor([case["flip"] for case in chosen]))
+        assert got.dtype == torch.float32 and got.shape == (len(chosen), n, n, 2)
+        for grid, case in zip(got, chosen):
+            # the reference summed cell sizes in float32: equal up to float32 rounding
+            torch.testing.assert_close(grid, case["grid"], rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- whole batches
