@@ -267,13 +267,19 @@ def check_data(dataset: str, data_dir: Path, download: bool) -> Dict[str, int]:
     return {"train": len(train), "val": len(val), "classes": train.num_classes}
 
 
-def _shorter_side(path: str) -> int:
+def _header_size(path: str) -> Optional[Tuple[int, int]]:
+    """(width, height) of an image file from its header only; None when it cannot be read."""
     from PIL import Image
     try:
-        with Image.open(path) as im:  # reads the header only
-            return min(im.size)
+        with Image.open(path) as im:
+            return im.size
     except (OSError, SyntaxError, ValueError):
-        return 0
+        return None
+
+
+def _shorter_side(path: str) -> int:
+    size = _header_size(path)
+    return min(size) if size else 0
 
 
 def needs_shrinking(paths: List[str], side: int, sample: int = 64) -> bool:
@@ -329,20 +335,14 @@ def working_images(data_dir: Path, exp: Path, side: int = SIDE) -> Path:
 
 def one_size(dataset) -> Optional[Tuple[int, int]]:
     """(width, height) when every image of ``dataset`` has it (files: from their headers), else None."""
-    from PIL import Image
     if not isinstance(dataset, datasets.ImageFileDataset):
         return dataset[0][0].size  # arrays (CIFAR, STL-10) and the built-in scenes have one size
     first = None
     for path, _ in dataset.samples:
-        try:
-            with Image.open(path) as im:  # reads the header only
-                size = im.size
-        except (OSError, SyntaxError, ValueError):
+        size = _header_size(path)
+        if size is None or (first is not None and size != first):
             return None
-        if first is None:
-            first = size
-        elif size != first:
-            return None
+        first = size
     return first
 
 

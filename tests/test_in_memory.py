@@ -238,5 +238,7 @@ def test_demo_holds_small_images_of_one_size_in_memory(tmp_path, monkeypatch):
     assert demo.loading_flags(uniform) == ["--in-memory", "--num-workers", "0"]
     assert demo.loading_flags(datasets.BuiltinDataset("train", 8, image_size=32)) == ["--in-memory", "--num-workers", "0"]
     assert demo.loading_flags(mixed) == ["--num-workers", "1"]
+    (tmp_path / "uniform" / "a" / "999.png").write_bytes(b"not an image")  # no header to read: not held
+    assert demo.loading_flags(datasets.ImageFolderDataset(tmp_path / "uniform")) == ["--num-workers", "1"]
     monkeypatch.setattr(demo, "IN_MEMORY_BYTES", 4 * 3 * 32 * 32 - 1)
     assert demo.loading_flags(uniform) == ["--num-workers", "1"]
