@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -766,16 +767,65 @@ def physical_memory() -> int:
         return 0
 
 
+# Folders tried, in order, for the images that the processes of one machine share (--in-memory under
+# torchrun or SLURM): /dev/shm is memory; the temporary folder is usually disk, whose pages the
+# processes share through the page cache all the same.
+SHARED_FOLDERS = ("/dev/shm", tempfile.gettempdir())
+
+
+def shared_folder(nbytes: int) -> int:
+    """The index in SHARED_FOLDERS of the first folder with ``nbytes`` free; an OSError if none has."""
+    for index, folder in enumerate(SHARED_FOLDERS):
+        try:
+            stat = os.statvfs(folder)
+        except (OSError, AttributeError):
+            continue
+        if os.access(folder, os.W_OK) and stat.f_bavail * stat.f_frsize >= nbytes:
+            return index
+    raise OSError(f"no room for {nbytes / 2 ** 20:.0f} MiB of images in {' or '.join(SHARED_FOLDERS)}")
+
+
+def _map_arrays(path: str, count: int, height: int, width: int, create: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(labels (count,) int64, images (count, 3, height, width) uint8) in the file ``path``, mapped
+    shared: what one process writes, every process that maps the file sees, and the memory is held
+    once. ``create`` makes the file (it must not exist) and reserves its space on the spot, so that a
+    full folder is an OSError here rather than a crash on the first write; otherwise the file must
+    exist with exactly this size."""
+    nbytes = count * 8 + count * 3 * height * width
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+    elif os.path.getsize(path) != nbytes:  # FileNotFoundError when it is not there
+        raise OSError(f"{path} holds {os.path.getsize(path)} bytes, expected {nbytes}")
+    buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    return buffer[:count * 8].view(torch.int64), buffer[count * 8:].view(count, 3, height, width)
+
+
 class InMemoryImages(Dataset):
     """Every image of ``dataset`` decoded once into one uint8 tensor (N, 3, H, W), so that the training
     views of a whole batch are made at once (``transform.batch``, a ``MultiCropTrainDataTransform``)
     instead of image by image: for small images, where the per-image work costs more than the
     arithmetic. The images must all have one size and take at most half of the machine's memory (a
     ValueError says which rule failed). ``__getitem__`` gives what ``dataset`` gives with
-    ``transform``; unreadable files were skipped while decoding (``num_unreadable``)."""
+    ``transform``; an unreadable file is replaced by the next readable one, as ``dataset`` does.
 
-    def __init__(self, dataset: Dataset, transform):
-        self.dataset, self.transform = dataset, transform
+    ``share_as``: a file name; the arrays then live in that file (``file``), in the first folder of
+    SHARED_FOLDERS with room, where the other processes of the machine map them (``mapped``) instead
+    of decoding their own copy. Whoever made the file removes it (``os.unlink(file)``) once they have:
+    the memory stays until the last process ends. A failure while decoding removes it at once.
+    """
+
+    def __init__(self, dataset: Dataset, transform, share_as: Optional[str] = None):
+        self.dataset, self.transform, self.file = dataset, transform, None
         saved = dataset.transform
         dataset.transform = None  # the decoded RGB image
         try:
@@ -785,8 +835,13 @@ class InMemoryImages(Dataset):
             if have and need > have // 2:
                 raise ValueError(f"{len(dataset)} images of {width}x{height} take {need / 2 ** 30:.1f} GiB decoded, "
                                  f"more than half of this machine's {have / 2 ** 30:.1f} GiB of memory")
-            self.images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8)
-            labels = []
+            if share_as is None:
+                self.images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8)
+                self.labels = torch.empty(len(dataset), dtype=torch.int64)
+            else:
+                file = os.path.join(SHARED_FOLDERS[shared_folder(len(dataset) * 8 + need)], share_as)
+                self.labels, self.images = _map_arrays(file, len(dataset), height, width, create=True)
+                self.file = file  # ours to remove from here on
             for index in range(len(dataset)):
                 img, label = (first, _) if index == 0 else dataset[index]
                 if img.size != (width, height):
@@ -795,11 +850,24 @@ class InMemoryImages(Dataset):
                     raise ValueError(f"images of different sizes cannot be held as one array: image {index}"
                                      f"{name} is {img.size[0]}x{img.size[1]}, image 0 is {width}x{height}")
                 self.images[index] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-                labels.append(label)
+                self.labels[index] = label
+        except BaseException:
+            if self.file is not None:
+                os.unlink(self.file)
+            raise
         finally:
             dataset.transform = saved
-        self.labels = torch.tensor(labels, dtype=torch.int64)
         self.num_classes = getattr(dataset, "num_classes", 0)
+
+    @classmethod
+    def mapped(cls, dataset: Dataset, transform, file: str, count: int, height: int, width: int) -> "InMemoryImages":
+        """The arrays that another process decoded into ``file`` (``share_as``), mapped without decoding;
+        an OSError when the file is missing or not of that shape."""
+        self = cls.__new__(cls)
+        self.dataset, self.transform, self.file = dataset, transform, file
+        self.labels, self.images = _map_arrays(file, count, height, width, create=False)
+        self.num_classes = getattr(dataset, "num_classes", 0)
+        return self
 
     def __len__(self) -> int:
         return len(self.images)

@@ -10,7 +10,9 @@ loadable with strict=True by hubconf.py and evaluate.py).
 """
 import argparse
 import os
+import secrets
 import signal
+import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -275,15 +277,60 @@ def build_data(args, info: utils.DistInfo, split: str):
         raise UserError(str(e)) from None
     if split == "train" and args.in_memory:
         start = time.time()
-        try:
-            dataset = datasets.InMemoryImages(dataset, tf)
-        except ValueError as e:
-            raise UserError(f"--in-memory: {e}") from None
+        dataset = in_memory(dataset, tf, info)
         if info.rank == 0:
             _, _, height, width = dataset.images.shape
+            where = (f", one copy per machine in {os.path.dirname(dataset.file)}, shared by its processes"
+                     if dataset.file else "")
             print(f"--in-memory: {len(dataset)} training images of {width}x{height} decoded in "
-                  f"{time.time() - start:.1f} s ({dataset.images.numel() / 2 ** 20:.0f} MiB)", flush=True)
+                  f"{time.time() - start:.1f} s ({dataset.images.numel() / 2 ** 20:.0f} MiB{where})", flush=True)
     return dataset, _loader(args, info, dataset, split)
+
+
+def in_memory(dataset, tf, info: utils.DistInfo) -> datasets.InMemoryImages:
+    """--in-memory: ``dataset`` decoded into memory. With several processes, the first process of each
+    machine (local rank 0) decodes into a file in shared memory that the others of the machine map,
+    so that the images are decoded and held once per machine, not once per process; the file is
+    removed as soon as every process has mapped it. A UserError in every process when it fails."""
+    if info.world_size == 1:
+        try:
+            return datasets.InMemoryImages(dataset, tf)
+        except ValueError as e:
+            raise UserError(f"--in-memory: {e}") from None
+    # a name of this run and machine: process 0's random number and the host (the temporary folder
+    # may be shared between machines)
+    token = utils.max_over_processes([secrets.randbits(62) if info.rank == 0 else 0])[0]
+    name = f"vicregl-images-{token:016x}-{socket.gethostname()}"
+    images, error, shape = None, None, [0, 0, 0]  # failed, height, width
+    if info.local_rank == 0:
+        try:
+            images = datasets.InMemoryImages(dataset, tf, share_as=name)
+            shape = [0, *images.images.shape[2:]]
+        except (ValueError, OSError) as e:
+            error, shape = e, [1, 0, 0]
+    failed, height, width = utils.max_over_processes(shape)
+    if failed:  # every process leaves, none waits for the others
+        raise UserError(f"--in-memory: {error}" if error else
+                        "--in-memory: the images could not be decoded (the first process of a machine says why)")
+    try:
+        if images is None:  # the machine's first process chose the folder
+            paths = [os.path.join(folder, name) for folder in datasets.SHARED_FOLDERS]
+            path = next((path for path in paths if os.path.exists(path)), None)
+            try:
+                if path is None:
+                    raise OSError(f"{name} is in none of {', '.join(datasets.SHARED_FOLDERS)}: the process of local "
+                                  f"rank 0 on each machine writes it, and this machine has none (LOCAL_RANK)")
+                images = datasets.InMemoryImages.mapped(dataset, tf, path, len(dataset), height, width)
+            except OSError as e:
+                error = e
+        failed = utils.any_process(error is not None)  # every process has mapped the file
+    finally:
+        if info.local_rank == 0 and images is not None:
+            os.unlink(images.file)
+    if failed:
+        raise UserError(f"--in-memory: {error}" if error else
+                        "--in-memory: another process could not map the shared images (it says why)")
+    return images
 
 
 def _loader(args, info: utils.DistInfo, dataset, split: str, train: Optional[bool] = None):

@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -229,6 +229,16 @@ def sum_over_processes(n: int) -> int:
     t = torch.tensor([n], dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def max_over_processes(values: Sequence[int]) -> List[int]:
+    """The element-wise maximum of integers over processes (a collective); ``values`` in one process."""
+    if not is_dist() or get_world_size() == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(list(values), dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,111 @@ def test_demo_holds_small_images_of_one_size_in_memory(tmp_path, monkeypatch):
     assert demo.loading_flags(datasets.ImageFolderDataset(tmp_path / "uniform")) == ["--num-workers", "1"]
     monkeypatch.setattr(demo, "IN_MEMORY_BYTES", 4 * 3 * 32 * 32 - 1)
     assert demo.loading_flags(uniform) == ["--num-workers", "1"]
+
+
+# ----------------------------------------------------------------------------- several processes
+
+class CountingFolder(datasets.ImageFolderDataset):
+    """An image folder that counts the images it was asked for (decodings) in this process."""
+    reads = 0
+
+    def __getitem__(self, index):
+        CountingFolder.reads += 1
+        return super().__getitem__(index)
+
+
+def _sharing_worker(rank, world, init_file, root, shared, out_dir):
+    import datetime
+    import torch.distributed as dist
+    import main_vicregl
+    import utils
+    torch.set_num_threads(1)
+    datasets.SHARED_FOLDERS = (shared,)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    info = utils.DistInfo(rank=rank, world_size=world, local_rank=rank, backend="gloo")
+    result = {}
+    try:
+        memory = main_vicregl.in_memory(CountingFolder(root), tr.MultiCropTrainDataTransform(), info)
+    except utils.UserError as e:
+        result["error"] = str(e)
+    else:
+        result.update(images=memory.images.clone(), labels=memory.labels.clone(), reads=CountingFolder.reads,
+                      file=memory.file, storage=memory.images.untyped_storage().filename)
+        dist.barrier()
+        result["left"] = sorted(os.listdir(shared))
+        if rank == 0:  # written by one process, seen by all: one copy, not several
+            memory.images[-1] = 7
+        dist.barrier()
+        result["after_write"] = memory.images[-1].clone()
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _run_sharing(tmp_path, root, world=3):
+    import torch.multiprocessing as mp
+    shared = tmp_path / "shm"
+    shared.mkdir()
+    mp.start_processes(_sharing_worker, args=(world, str(tmp_path / "init"), str(root), str(shared), str(tmp_path)),
+                       nprocs=world, start_method="spawn")
+    return shared, [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def test_processes_of_a_machine_decode_once_and_share_the_images(tmp_path):
+    """Under torchrun/SLURM the first process of a machine decodes; the others map its file, decoding
+    nothing; the file is gone once all have mapped it, and a write by one process is seen by all."""
+    root = write_folder(tmp_path / "train", [(24, 20)] * 5)
+    shared, ranks = _run_sharing(tmp_path, root)
+    files = sorted(root.rglob("*.png"))  # a/000 a/002 a/004 b/001 b/003
+    want = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    assert [r["reads"] for r in ranks] == [5, 0, 0]
+    for r in ranks:
+        assert torch.equal(r["images"], want) and r["labels"].tolist() == [0, 0, 0, 1, 1]
+        assert r["storage"] == ranks[0]["file"] and os.path.dirname(r["file"]) == str(shared)
+        assert r["left"] == [] and torch.equal(r["after_write"], torch.full((3, 20, 24), 7, dtype=torch.uint8))
+    assert os.listdir(shared) == []
+
+
+def test_a_failure_to_decode_stops_every_process_and_leaves_no_file(tmp_path):
+    root = write_folder(tmp_path / "train", [(24, 20)] * 3 + [(20, 20)])
+    shared, ranks = _run_sharing(tmp_path, root)
+    assert ranks[0]["error"].startswith("--in-memory: images of different sizes cannot be held as one array")
+    assert ranks[1]["error"] == ranks[2]["error"] == \
+        "--in-memory: the images could not be decoded (the first process of a machine says why)"
+    assert os.listdir(shared) == []
+
+
+def test_shared_images_go_to_the_first_folder_with_room(tmp_path, monkeypatch):
+    full, roomy = tmp_path / "full", tmp_path / "roomy"
+    roomy.mkdir()
+    monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(full), str(roomy)))  # full: does not exist
+    assert datasets.shared_folder(10) == 1
+    free = os.statvfs(roomy).f_bavail * os.statvfs(roomy).f_frsize
+    with pytest.raises(OSError, match="no room for .* MiB of images in .*full or .*roomy"):
+        datasets.shared_folder(free + 2 ** 40)
+    builtin = datasets.BuiltinDataset("train", 4, image_size=16)
+    memory = datasets.InMemoryImages(builtin, tr.MultiCropTrainDataTransform(), share_as="x")
+    assert memory.file == str(roomy / "x") and os.path.getsize(memory.file) == 4 * 8 + 4 * 3 * 16 * 16
+    mapped = datasets.InMemoryImages.mapped(builtin, None, memory.file, 4, 16, 16)
+    assert torch.equal(mapped.images, memory.images) and torch.equal(mapped.labels, memory.labels)
+    with pytest.raises(OSError, match="x holds 3104 bytes, expected 6176"):
+        datasets.InMemoryImages.mapped(builtin, None, memory.file, 4, 16, 32)
+
+
+def test_main_vicregl_under_torchrun_shares_the_images(tmp_path):
+    import socket
+    from test_main import TINY
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(port), "main_vicregl.py", *TINY, "--in-memory", "--max-steps", "2", "--exp-dir",
+                           str(tmp_path / "exp")], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("--in-memory:"))
+    assert "96 training images of 32x32" in line and "one copy per machine in " in line, line
+    folder = line.split("one copy per machine in ")[1].split(",")[0]
+    assert not [f for f in os.listdir(folder) if f.startswith("vicregl-images-") and f.endswith(socket.gethostname())
+                and os.path.getmtime(os.path.join(folder, f)) >= start - 1]
