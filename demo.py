@@ -435,8 +435,10 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
 # AdamW at --base-lr 0.01 (a peak of 2.5e-3 for batch 64): a quarter of the former 0.04 gave better
 # dense features on every seed measured (VICRegL 19.1 -> 22.5 at 0.02 -> 26.0 at 0.01 with seed 1,
 # 22.4 -> 27.5 with seed 0, 22.6 -> 22.9 with seed 2; VICReg 13.1 -> 28.8 with seed 0, 15.8 -> 22.4 with
-# seed 1, 18.1 -> 24.7 with seed 2; see the README). Crops of 15-100% instead of 30-100% put VICRegL ahead of VICReg on seeds 0 and 1 (18.5 against
-# 16.0, 29.0 against 20.6) but cost both nine to thirteen points with seed 0: kept 30-100%.
+# seed 1, 18.1 -> 24.7 with seed 2; see the README). Crops of 15-100% instead of 30-100% put VICRegL
+# ahead of VICReg on seeds 0 and 1 (18.5 against 16.0, 29.0 against 20.6) but cost both nine to
+# thirteen points with seed 0, and with 3,000 pretraining steps VICRegL was behind again (32.5
+# against 37.1, seed 0): kept 30-100%.
 SEG_SIDE, SEG_HEAD_SIDE = 64, 96
 SEG_DATA = ["--dataset", "builtin", "--builtin-max-objects", "4"]
 SEG_PRETRAIN = ["--size-crops", str(SEG_SIDE), "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops",
