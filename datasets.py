@@ -773,15 +773,15 @@ def physical_memory() -> int:
 SHARED_FOLDERS = ("/dev/shm", tempfile.gettempdir())
 
 
-def shared_folder(nbytes: int) -> int:
-    """The index in SHARED_FOLDERS of the first folder with ``nbytes`` free; an OSError if none has."""
-    for index, folder in enumerate(SHARED_FOLDERS):
+def shared_folder(nbytes: int) -> str:
+    """The first folder of SHARED_FOLDERS with ``nbytes`` free; an OSError if none has."""
+    for folder in SHARED_FOLDERS:
         try:
             stat = os.statvfs(folder)
         except (OSError, AttributeError):
             continue
         if os.access(folder, os.W_OK) and stat.f_bavail * stat.f_frsize >= nbytes:
-            return index
+            return folder
     raise OSError(f"no room for {nbytes / 2 ** 20:.0f} MiB of images in {' or '.join(SHARED_FOLDERS)}")
 
 
@@ -839,7 +839,7 @@ class InMemoryImages(Dataset):
                 self.images = torch.empty(len(dataset), 3, height, width, dtype=torch.uint8)
                 self.labels = torch.empty(len(dataset), dtype=torch.int64)
             else:
-                file = os.path.join(SHARED_FOLDERS[shared_folder(len(dataset) * 8 + need)], share_as)
+                file = os.path.join(shared_folder(len(dataset) * 8 + need), share_as)
                 self.labels, self.images = _map_arrays(file, len(dataset), height, width, create=True)
                 self.file = file  # ours to remove from here on
             for index in range(len(dataset)):

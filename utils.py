@@ -221,24 +221,25 @@ def any_process(flag: bool) -> bool:
     return sum_over_processes(int(bool(flag))) > 0
 
 
-def sum_over_processes(n: int) -> int:
-    """The sum of an integer over processes (a collective); ``n`` itself in one process."""
-    if not is_dist() or get_world_size() == 1:
-        return n
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
-def max_over_processes(values: Sequence[int]) -> List[int]:
-    """The element-wise maximum of integers over processes (a collective); ``values`` in one process."""
+def _reduce_ints(values: Sequence[int], op: str) -> List[int]:
+    """``values`` reduced element-wise over processes with ``op`` ("SUM", "MAX": a ``dist.ReduceOp``
+    name), a collective; as they are in one process."""
     if not is_dist() or get_world_size() == 1:
         return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(list(values), dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return [int(v) for v in t.tolist()]
+
+
+def sum_over_processes(n: int) -> int:
+    """The sum of an integer over processes (a collective); ``n`` itself in one process."""
+    return _reduce_ints([n], "SUM")[0]
+
+
+def max_over_processes(values: Sequence[int]) -> List[int]:
+    """The element-wise maximum of integers over processes (a collective); ``values`` in one process."""
+    return _reduce_ints(values, "MAX")
 
 
 @torch.no_grad()

@@ -98,6 +98,7 @@ def _agreement_worker(rank, world, init_file, out_dir):
     stop = main_vicregl.StopSignal(signals=())
     results = [stop.agree(rank == 0), stop.agree(False), stop.agree(rank == world - 1),
                utils.any_process(rank == 1), utils.any_process(False), utils.sum_over_processes(rank + 1),
+               *utils.max_over_processes([rank, 2 - rank, 7 if rank == 1 else -1]),
                # --time-budget: process 0's clock for everyone, and "spent" when any process says so
                *stop.agree_clock(10.0 + rank, rank == 2), *stop.agree_clock(5.0 + rank, False)]
     torch.save(results, f"{out_dir}/agree{rank}.pt")
@@ -107,6 +108,6 @@ def _agreement_worker(rank, world, init_file, out_dir):
 def test_processes_agree_on_decisions_taken_on_their_own_clocks(tmp_path):
     world = 3
     mp.spawn(_agreement_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
-    expected = [True, False, True, True, False, 6, 10.0, True, 5.0, False]
+    expected = [True, False, True, True, False, 6, 2, 2, 7, 10.0, True, 5.0, False]
     for r in range(world):
         assert torch.load(tmp_path / f"agree{r}.pt", weights_only=True) == expected

@@ -321,7 +321,7 @@ def test_shared_images_go_to_the_first_folder_with_room(tmp_path, monkeypatch):
     full, roomy = tmp_path / "full", tmp_path / "roomy"
     roomy.mkdir()
     monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(full), str(roomy)))  # full: does not exist
-    assert datasets.shared_folder(10) == 1
+    assert datasets.shared_folder(10) == str(roomy)
     free = os.statvfs(roomy).f_bavail * os.statvfs(roomy).f_frsize
     with pytest.raises(OSError, match="no room for .* MiB of images in .*full or .*roomy"):
         datasets.shared_folder(free + 2 ** 40)
