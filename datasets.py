@@ -785,26 +785,65 @@ def shared_folder(nbytes: int) -> str:
     raise OSError(f"no room for {nbytes / 2 ** 20:.0f} MiB of images in {' or '.join(SHARED_FOLDERS)}")
 
 
-def _map_arrays(path: str, count: int, height: int, width: int, create: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+# Where Linux shows every process's open files by number (/proc/<pid>/fd/<n>): a file shared through
+# a link into it needs no name of its own.
+PROC = "/proc"
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """The file ``fd`` made ``nbytes`` long, its space reserved on the spot where the system can (so that
+    a full folder is an OSError here rather than a crash on the first write)."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, nbytes)
+    else:
+        os.ftruncate(fd, nbytes)
+
+
+def _create_shared(path: str, nbytes: int) -> Optional[int]:
+    """A new file of ``nbytes`` that the processes of this machine open as ``path`` (which must not exist).
+
+    On Linux the file itself has no name: ``path`` is a symbolic link to this process's descriptor of
+    it (``/proc/<pid>/fd/<n>``), so the file and its memory go as soon as no process holds it, even
+    when this one is killed before it can clean up (SIGKILL, the out-of-memory killer); only the link
+    is left then, pointing nowhere and holding nothing. Returns that descriptor, to be closed once
+    every process has mapped the file. Elsewhere, or where the link does not lead to the file, ``path``
+    is the file and None is returned."""
+    folder, fds = os.path.dirname(path), os.path.join(PROC, str(os.getpid()), "fd")
+    if os.path.isdir(fds):
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".vicregl-")
+        os.unlink(name)
+        linked = False
+        try:
+            _reserve(fd, nbytes)
+            os.symlink(os.path.join(fds, str(fd)), path)
+            linked = True
+            try:
+                if os.path.samestat(os.stat(path), os.fstat(fd)):
+                    return fd
+            except OSError:
+                pass
+            os.unlink(path)  # the link leads elsewhere (a /proc of another process space): a named file
+            linked = False
+        finally:
+            if not linked:
+                os.close(fd)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _reserve(fd, nbytes)
+    except OSError:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return None
+
+
+def _map_arrays(path: str, count: int, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(labels (count,) int64, images (count, 3, height, width) uint8) in the file ``path``, mapped
     shared: what one process writes, every process that maps the file sees, and the memory is held
-    once. ``create`` makes the file (it must not exist) and reserves its space on the spot, so that a
-    full folder is an OSError here rather than a crash on the first write; otherwise the file must
-    exist with exactly this size."""
+    once. The file must have exactly this size (an OSError says otherwise, or that it is missing)."""
     nbytes = count * 8 + count * 3 * height * width
-    if create:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, nbytes)
-            else:
-                os.ftruncate(fd, nbytes)
-        except OSError:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-    elif os.path.getsize(path) != nbytes:  # FileNotFoundError when it is not there
+    if os.path.getsize(path) != nbytes:  # FileNotFoundError when it is not there
         raise OSError(f"{path} holds {os.path.getsize(path)} bytes, expected {nbytes}")
     buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
     return buffer[:count * 8].view(torch.int64), buffer[count * 8:].view(count, 3, height, width)
@@ -820,12 +859,13 @@ class InMemoryImages(Dataset):
 
     ``share_as``: a file name; the arrays then live in that file (``file``), in the first folder of
     SHARED_FOLDERS with room, where the other processes of the machine map them (``mapped``) instead
-    of decoding their own copy. Whoever made the file removes it (``os.unlink(file)``) once they have:
-    the memory stays until the last process ends. A failure while decoding removes it at once.
+    of decoding their own copy. Whoever made the file calls ``unshare()`` once they have: the memory
+    stays until the last process ends. A failure while decoding removes the file at once, and on Linux
+    so does the end of this process, however it ends (see ``_create_shared``).
     """
 
     def __init__(self, dataset: Dataset, transform, share_as: Optional[str] = None):
-        self.dataset, self.transform, self.file = dataset, transform, None
+        self.dataset, self.transform, self.file, self._fd = dataset, transform, None, None
         saved = dataset.transform
         dataset.transform = None  # the decoded RGB image
         try:
@@ -840,8 +880,9 @@ class InMemoryImages(Dataset):
                 self.labels = torch.empty(len(dataset), dtype=torch.int64)
             else:
                 file = os.path.join(shared_folder(len(dataset) * 8 + need), share_as)
-                self.labels, self.images = _map_arrays(file, len(dataset), height, width, create=True)
+                self._fd = _create_shared(file, len(dataset) * 8 + need)
                 self.file = file  # ours to remove from here on
+                self.labels, self.images = _map_arrays(file, len(dataset), height, width)
             for index in range(len(dataset)):
                 img, label = (first, _) if index == 0 else dataset[index]
                 if img.size != (width, height):
@@ -853,7 +894,7 @@ class InMemoryImages(Dataset):
                 self.labels[index] = label
         except BaseException:
             if self.file is not None:
-                os.unlink(self.file)
+                self.unshare()
             raise
         finally:
             dataset.transform = saved
@@ -864,10 +905,19 @@ class InMemoryImages(Dataset):
         """The arrays that another process decoded into ``file`` (``share_as``), mapped without decoding;
         an OSError when the file is missing or not of that shape."""
         self = cls.__new__(cls)
-        self.dataset, self.transform, self.file = dataset, transform, file
-        self.labels, self.images = _map_arrays(file, count, height, width, create=False)
+        self.dataset, self.transform, self.file, self._fd = dataset, transform, file, None
+        self.labels, self.images = _map_arrays(file, count, height, width)
         self.num_classes = getattr(dataset, "num_classes", 0)
         return self
+
+    def unshare(self) -> None:
+        """For the process that made the shared file (``share_as``), once every process has mapped it:
+        its name is removed, so that no process can map it any more and its memory goes back when the
+        last one that has ends."""
+        os.unlink(self.file)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __len__(self) -> int:
         return len(self.images)

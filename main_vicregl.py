@@ -326,7 +326,7 @@ def in_memory(dataset, tf, info: utils.DistInfo) -> datasets.InMemoryImages:
         failed = utils.any_process(error is not None)  # every process has mapped the file
     finally:
         if info.local_rank == 0 and images is not None:
-            os.unlink(images.file)
+            images.unshare()
     if failed:
         raise UserError(f"--in-memory: {error}" if error else
                         "--in-memory: another process could not map the shared images (it says why)")

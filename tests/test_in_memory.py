@@ -332,6 +332,8 @@ def test_shared_images_go_to_the_first_folder_with_room(tmp_path, monkeypatch):
     assert torch.equal(mapped.images, memory.images) and torch.equal(mapped.labels, memory.labels)
     with pytest.raises(OSError, match="x holds 3104 bytes, expected 6176"):
         datasets.InMemoryImages.mapped(builtin, None, memory.file, 4, 16, 32)
+    memory.unshare()
+    assert os.listdir(roomy) == []
 
 
 def test_main_vicregl_under_torchrun_shares_the_images(tmp_path):
@@ -351,3 +353,61 @@ def test_main_vicregl_under_torchrun_shares_the_images(tmp_path):
     folder = line.split("one copy per machine in ")[1].split(",")[0]
     assert not [f for f in os.listdir(folder) if f.startswith("vicregl-images-") and f.endswith(socket.gethostname())
                 and os.path.getmtime(os.path.join(folder, f)) >= start - 1]
+
+
+KILLED_DECODER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import datasets, transforms
+
+class Slow(datasets.BuiltinDataset):
+    def __getitem__(self, index):
+        time.sleep(0.05)
+        return super().__getitem__(index)
+
+datasets.SHARED_FOLDERS = ({shared!r},)
+datasets.InMemoryImages(Slow("train", 2000, image_size=16), transforms.MultiCropTrainDataTransform(), share_as="x")
+"""
+
+
+def test_a_decoder_killed_outright_leaves_no_file_holding_images(tmp_path):
+    """SIGKILL (or the out-of-memory killer) while the first process decodes: no cleanup code runs, yet
+    nothing that holds the images is left in the shared folder (on Linux; a file in /dev/shm would hold
+    its memory until the machine restarts)."""
+    if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        pytest.skip("needs /proc/<pid>/fd (Linux)")
+    shared = tmp_path / "shm"
+    shared.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_DECODER.format(root=str(ROOT), shared=str(shared))],
+                            stderr=subprocess.PIPE, text=True)
+    link, deadline = shared / "x", time.time() + 120
+    while not os.path.exists(link) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        assert os.path.getsize(link) == 2000 * 8 + 2000 * 3 * 16 * 16, proc.poll()  # there, and decoding
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert os.listdir(shared) == ["x"] and os.path.islink(link)
+    assert not os.path.exists(link)  # leads nowhere: the file went with the process
+
+
+def test_without_proc_the_shared_file_is_named_and_removed_by_unshare(tmp_path, monkeypatch):
+    """Where /proc/<pid>/fd is missing (not Linux), or its link does not lead to the file (a /proc of
+    another process space), the file itself is named: it works the same and unshare() removes it."""
+    shared = tmp_path / "shm"
+    shared.mkdir()
+    monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(shared),))
+    builtin = datasets.BuiltinDataset("train", 3, image_size=16)
+    plain = datasets.InMemoryImages(builtin, None)
+    fake = tmp_path / "proc"
+    (fake / str(os.getpid()) / "fd").mkdir(parents=True)  # there, but leads nowhere
+    for proc in (str(tmp_path / "none"), str(fake)):
+        monkeypatch.setattr(datasets, "PROC", proc)
+        memory = datasets.InMemoryImages(builtin, None, share_as="y")
+        assert os.listdir(shared) == ["y"] and not os.path.islink(shared / "y")
+        mapped = datasets.InMemoryImages.mapped(builtin, None, str(shared / "y"), 3, 16, 16)
+        assert torch.equal(mapped.images, plain.images) and torch.equal(mapped.labels, plain.labels)
+        memory.unshare()
+        assert os.listdir(shared) == []
