@@ -1,0 +1,209 @@
+"""VICRegL against VICReg at a GPU's budget: the two comparisons that a 2-core CPU cannot make.
+
+    python bench/gpu_results.py --cifar-dir DIR --out OUT              # both, within --minutes (9)
+    python bench/gpu_results.py --cifar-dir DIR --out OUT --parts classification --minutes 5
+
+classification: resnet18 with the small-input stem (so that a 32-pixel crop gives a 4x4 map, 16
+positions for the local loss) pretrained on DIR (class folders DIR/train/<class>/ and DIR/val/<class>/
+of 32-pixel images, such as a CIFAR-10 slice) for --epochs with alpha 0.75 (VICRegL) and 1.0 (VICReg,
+the global loss only), in the same time; then k-NN and a linear probe on the frozen features of both
+and of the random network, with the same settings. The recipe is the usual one for ResNets on CIFAR:
+LARS at 0.3 for a batch of 256, weight decay 1e-4, 2 crops of 32 pixels and 4 of 16, no blur;
+mixed precision on a GPU.
+
+segmentation: the built-in dataset's masks at a larger budget than `make demo-seg`: --seg-images scenes
+drawn at 96 pixels and crops of 96 (3x3 maps of resnet_mini instead of 2x2), VICReg and VICRegL
+pretrained for the same time, and the same frozen linear head on each and on a random network, at 144
+pixels (the scale that the crops show), scored by mIoU.
+
+Each part gets its share of --minutes, and each pretraining what its part has left after the
+evaluations (whose cost the random network's evaluation measures); --epochs is an upper bound. As each
+run ends, OUT/results.json and OUT/results.md (the tables, with the device's name) are rewritten, so a
+run cut short keeps what it finished; every command's output is in OUT/<run>.log.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import demo  # noqa: E402
+import utils  # noqa: E402
+from utils import UserError  # noqa: E402
+
+ALPHAS = {"vicreg": 1.0, "vicregl": 0.75}
+NAMES = {"random": "random initialisation", "vicreg": "VICReg (alpha 1.0)", "vicregl": "VICRegL (alpha 0.75)"}
+CLS_PRETRAIN = ["--small-input", "--size-crops", "32", "16", "--num-crops", "2", "4", "--num_matches", "8", "2",
+                "--mlp", "2048-2048-2048", "--maps-mlp", "512-512-512", "--warmup-epochs", "10",
+                "--optimizer", "lars", "--base-lr", "0.3", "--weight-decay", "1e-4",
+                "--blur-prob", "0", "0", "--channels-last", "--in-memory", "--log-tensors-interval", "30"]
+CLS_EVALUATE = ["--small-input", "--crop-size", "32", "--resize-size", "32", "--batch-size", "256",
+                "--feature-probe", "--epochs", "100", "--lr-head", "0.01", "--weight-decay", "1e-4",
+                "--knn", "--knn-k", "20", "--knn-temperature", "0.07"]
+SEG_SIDE, SEG_HEAD_SIDE = 96, 144
+TABLES = {"classification": (("k-NN top-1 (%)", "knn_top1"), ("linear top-1 (%)", "linear_top1")),
+          "segmentation": (("mIoU (%)", "miou"), ("pixel accuracy (%)", "aacc"))}
+
+
+def replaced(flags: Sequence[str], flag: str, *values: str) -> List[str]:
+    """``flags`` with the values that follow ``flag`` replaced by ``values`` (as many as there were)."""
+    flags = list(flags)
+    at = flags.index(flag)
+    flags[at + 1:at + 1 + len(values)] = values
+    return flags
+
+
+def flag_value(flags: Sequence[str], flag: str) -> str:
+    """The value that follows ``flag`` in ``flags``."""
+    return flags[list(flags).index(flag) + 1]
+
+
+def device_name(device: str) -> str:
+    import torch
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "CPU"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="where the results and every run's outputs go")
+    p.add_argument("--parts", nargs="+", default=["classification", "segmentation"],
+                   choices=["classification", "segmentation"], help="which comparisons to run")
+    p.add_argument("--minutes", type=float, default=9.0, help="time budget of the whole command")
+    p.add_argument("--cifar-dir", type=Path, default=None,
+                   help="classification: class folders DIR/train/<class>/ and DIR/val/<class>/ of 32-pixel images")
+    p.add_argument("--arch", default="resnet18", help="classification: backbone (a ResNet)")
+    p.add_argument("--epochs", type=int, default=200, help="classification: pretraining epochs (at most)")
+    p.add_argument("--batch-size", type=int, default=256, help="classification: pretraining batch")
+    p.add_argument("--seg-images", type=int, default=50000, help="segmentation: built-in training scenes")
+    p.add_argument("--seg-seed", type=int, default=1, help="segmentation: --builtin-seed of the scenes")
+    p.add_argument("--head-iters", type=int, default=2000, help="segmentation: iterations of each linear head")
+    p.add_argument("--seg-val-images", type=int, default=1000, help="segmentation: evaluation scenes")
+    p.add_argument("--workers", type=int, default=10, help="data-loading processes of every run")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on each pretraining's steps (0: none); for a check")
+    p.add_argument("--device", default="auto", help="'auto', 'cuda' or 'cpu'")
+    return p
+
+
+class Results:
+    """OUT/results.json and OUT/results.md, rewritten whenever a number comes in."""
+
+    def __init__(self, out: Path, device: str):
+        self.out, self.data = out, {"device": device}
+
+    def add(self, part: str, name: str, value: dict) -> None:
+        if "minutes" in value:
+            value = {**value, "minutes": round(value["minutes"], 2)}
+        self.data.setdefault(part, {})[name] = value
+        self.save()
+
+    def save(self) -> None:
+        demo.write_text(self.out / "results.json", json.dumps(self.data, indent=1) + "\n")
+        demo.write_text(self.out / "results.md", self.markdown())
+
+    def markdown(self) -> str:
+        lines = []
+        for part, columns in TABLES.items():
+            rows = self.data.get(part)
+            if not rows:
+                continue
+            lines += [f"{part} ({self.data['device']}):", "",
+                      "| backbone | pretraining | " + " | ".join(c for c, _ in columns) + " | minutes |",
+                      "|---" * (len(columns) + 3) + "|"]
+            lines += [f"| {r['arch']} | {NAMES[name]}{r.get('what', '')} | "
+                      + " | ".join(f"{r[key]:.1f}" for _, key in columns) + f" | {r['minutes']:.1f} |"
+                      for name, r in rows.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def pretrained(exp: Path, minutes: float, batch: int, images: int) -> dict:
+    """What a pretraining did: its steps of ``batch`` (and the epochs of ``images`` they make), its minutes."""
+    steps = demo.pretrain_steps(exp)
+    what = f", {steps:,} step{'s' * (steps != 1)} of {batch} ({steps * batch / images:.3g} epochs)"
+    return {"steps": steps, "what": what,
+            "pretrain_minutes": round(minutes, 2)}
+
+
+def classification(args, results: Results, minutes: float) -> None:
+    start = time.time()
+    counts = demo.check_data("imagefolder", args.cifar_dir, False)
+    data = ["--dataset", "imagenet1k", "--data-dir", str(args.cifar_dir), "--arch", args.arch, "--device", args.device]
+    evaluate = ["evaluate.py", *CLS_EVALUATE, *data, "--workers", str(args.workers)]
+    eval_s = demo.run([*evaluate, "--exp-dir", str(args.out / "cls_random")], args.out / "cls_random.log")
+    s = demo.summary(args.out / "cls_random")
+    results.add("classification", "random", {"arch": args.arch, "knn_top1": s["knn_top1"],
+                                             "linear_top1": s["best_acc1"], "minutes": eval_s / 60})
+    budget = demo.pretrain_minutes(minutes, time.time() - start, eval_s, evals_left=len(ALPHAS),
+                                   pretrainings=len(ALPHAS))
+    cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    print(f"classification: {counts['train']} training images; each pretraining gets {budget:.1f} minutes "
+          f"(at most {args.epochs} epochs)", flush=True)
+    for name, alpha in ALPHAS.items():
+        exp = args.out / f"cls_{name}"
+        pretrain_s = demo.run(["main_vicregl.py", *CLS_PRETRAIN, *data, "--alpha", str(alpha), "--epochs",
+                               str(args.epochs), "--batch-size", str(args.batch_size), *args.fp16, "--num-workers", str(args.workers), "--time-budget", f"{budget:.3f}",
+                               *cap, "--exp-dir", str(exp)], args.out / f"cls_{name}.log")
+        eval_s = demo.run([*evaluate, "--pretrained", str(exp / "backbone.pth"), "--exp-dir",
+                           str(args.out / f"cls_{name}_eval")], args.out / f"cls_{name}_eval.log")
+        s = demo.summary(args.out / f"cls_{name}_eval")
+        results.add("classification", name, {"arch": args.arch, "knn_top1": s["knn_top1"],
+                                             "linear_top1": s["best_acc1"], "minutes": (pretrain_s + eval_s) / 60,
+                                             **pretrained(exp, pretrain_s / 60, args.batch_size, counts["train"])})
+
+
+def segmentation(args, results: Results, minutes: float) -> None:
+    start = time.time()
+    common = [*demo.SEG_DATA, "--builtin-images", str(args.seg_images), "--builtin-seed", str(args.seg_seed),
+              "--arch", "resnet_mini", "--device", args.device]
+    head = ["segmentation/train.py", *common, "--builtin-size", str(SEG_HEAD_SIDE),
+            *replaced(demo.SEG_HEAD, "--workers", str(args.workers)),
+            "--builtin-val-images", str(args.seg_val_images), "--iters", str(args.head_iters)]
+    head_s = demo.run([*head, "--exp-dir", str(args.out / "seg_head_random")], args.out / "seg_head_random.log")
+    results.add("segmentation", "random", {"arch": "resnet_mini", **demo.head_miou(args.out / "seg_head_random"),
+                                           "minutes": head_s / 60})
+    budget = demo.pretrain_minutes(minutes, time.time() - start, head_s, evals_left=len(ALPHAS),
+                                   pretrainings=len(ALPHAS))
+    cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    pretrain = replaced(replaced(demo.SEG_PRETRAIN, "--size-crops", str(SEG_SIDE)), "--num-workers", str(args.workers))
+    print(f"segmentation: {args.seg_images} scenes; each pretraining gets {budget:.1f} minutes", flush=True)
+    for name, alpha in ALPHAS.items():
+        exp = args.out / f"seg_{name}"
+        pretrain_s = demo.run(["main_vicregl.py", *common, "--builtin-size", str(SEG_SIDE), *pretrain, *args.fp16, "--alpha",
+                               str(alpha), "--time-budget", f"{budget:.3f}", *cap, "--exp-dir", str(exp)],
+                              args.out / f"seg_{name}.log")
+        head_s = demo.run([*head, "--pretrained", str(exp / "backbone.pth"), "--exp-dir",
+                           str(args.out / f"seg_head_{name}")], args.out / f"seg_head_{name}.log")
+        results.add("segmentation", name, {"arch": "resnet_mini", **demo.head_miou(args.out / f"seg_head_{name}"),
+                                           "minutes": (pretrain_s + head_s) / 60,
+                                           **pretrained(exp, pretrain_s / 60, int(flag_value(pretrain, "--batch-size")),
+                                                       args.seg_images)})
+
+
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    start = time.time()
+    if "classification" in args.parts and args.cifar_dir is None:
+        raise UserError("--parts classification needs --cifar-dir (class folders train/ and val/)")
+    if args.minutes <= 0 or args.max_steps < 0 or args.workers < 0:
+        raise UserError(f"--minutes must be > 0, --max-steps and --workers >= 0 (got {args.minutes:g}, "
+                        f"{args.max_steps}, {args.workers})")
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out, device_name(args.device))
+    args.fp16 = [] if results.data["device"] == "CPU" else ["--fp16"]  # mixed precision on a GPU
+    print(f"device: {results.data['device']}", flush=True)
+    for k, part in enumerate(args.parts):
+        share = (args.minutes - (time.time() - start) / 60) / (len(args.parts) - k)
+        (classification if part == "classification" else segmentation)(args, results, share)
+    results.data["minutes"] = round((time.time() - start) / 60, 2)
+    results.save()
+    print("\n" + results.markdown(), flush=True)
+
+
+if __name__ == "__main__":
+    utils.exit_on_user_error(main)()

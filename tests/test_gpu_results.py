@@ -1,0 +1,70 @@
+"""bench/gpu_results.py: the GPU comparisons (VICRegL against VICReg by classification on class folders,
+and by segmentation on the built-in masks), checked end to end on a CPU at a size that learns nothing:
+each run gets its alpha, each number comes from its own run's output, and the tables say which is which."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import datasets
+from bench import gpu_results
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def class_folders(root, train=40, val=10):
+    for split, count in (("train", train), ("val", val)):
+        for k in range(count):
+            folder = root / split / ("a" if k % 2 == 0 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            datasets.synthetic_photo(32, 32, seed=k + 1000 * (split == "val")).save(folder / f"{k:03d}.png")
+    return root
+
+
+def last_json(path, prefix="{"):
+    lines = [l for l in Path(path).read_text().splitlines() if l.startswith(prefix)]
+    return json.loads(lines[-1][len(prefix) - 1:])
+
+
+def test_both_comparisons_end_to_end(tmp_path):
+    data, out = class_folders(tmp_path / "data"), tmp_path / "out"
+    proc = subprocess.run([sys.executable, "bench/gpu_results.py", "--cifar-dir", str(data), "--out", str(out),
+                           "--minutes", "20", "--max-steps", "1", "--epochs", "1", "--batch-size", "16",
+                           "--seg-images", "64", "--head-iters", "2", "--seg-val-images", "2", "--workers", "0",
+                           "--device", "cpu", "--arch", "resnet_test"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"] == "CPU" and results["minutes"] > 0
+    table = (out / "results.md").read_text()
+    for name, alpha in (("vicreg", 1.0), ("vicregl", 0.75)):
+        for part in ("cls", "seg"):
+            ckpt = torch.load(out / f"{part}_{name}" / "model.pth", weights_only=True)
+            assert ckpt["args"]["alpha"] == alpha and ckpt["steps"] == 1
+            assert ckpt["args"]["small_input"] == (part == "cls")  # 32-pixel crops give 4x4 maps
+        cls, seg = results["classification"][name], results["segmentation"][name]
+        assert cls["steps"] == seg["steps"] == 1
+        summary = last_json(out / f"cls_{name}_eval" / "stats.txt")
+        assert summary["summary"] and cls["knn_top1"] == summary["knn_top1"] and cls["linear_top1"] == summary["best_acc1"]
+        assert f"from {out / f'cls_{name}' / 'backbone.pth'}" in (out / f"cls_{name}_eval.log").read_text()
+        head = last_json(out / f"seg_head_{name}" / "stats.txt", "Val: {")
+        assert seg["miou"] == round(head["mIoU"], 2)
+        assert f"loaded resnet_mini weights from {out / f'seg_{name}' / 'backbone.pth'}" in \
+            (out / f"seg_head_{name}.log").read_text()
+        label = "VICRegL (alpha 0.75)" if name == "vicregl" else "VICReg (alpha 1.0)"
+        assert (f"| resnet_test | {label}, 1 step of 16 (0.4 epochs) | {cls['knn_top1']:.1f} | "
+                f"{cls['linear_top1']:.1f} |") in table
+        assert f"| resnet_mini | {label}, 1 step of 64 (1 epochs) | {seg['miou']:.1f} | {seg['aacc']:.1f} |" in table
+    random = last_json(out / "cls_random" / "stats.txt")
+    assert results["classification"]["random"]["knn_top1"] == random["knn_top1"]
+    assert table.index("classification (CPU):") < table.index("segmentation (CPU):")
+
+
+def test_classification_without_its_folder_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^--parts classification needs --cifar-dir"):
+        gpu_results.main(["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
