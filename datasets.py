@@ -838,6 +838,20 @@ def _create_shared(path: str, nbytes: int) -> Optional[int]:
     return None
 
 
+def find_shared(name: str) -> str:
+    """Where the file ``name`` that the first process of this machine made (``_create_shared``) is, in
+    SHARED_FOLDERS; an OSError that says why it cannot be opened."""
+    path = next((os.path.join(folder, name) for folder in SHARED_FOLDERS
+                 if os.path.lexists(os.path.join(folder, name))), None)
+    if path is None:
+        raise OSError(f"{name} is in none of {', '.join(SHARED_FOLDERS)}: the process of local rank 0 on each "
+                      f"machine writes it, and this machine has none (LOCAL_RANK)")
+    if not os.path.exists(path):  # a link to the first process's file, which this one cannot see
+        raise OSError(f"{path} leads to {os.readlink(path)}, which this process cannot open: the processes of a "
+                      f"machine must see one another in {PROC} (one container per machine, not one per process)")
+    return path
+
+
 def _map_arrays(path: str, count: int, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(labels (count,) int64, images (count, 3, height, width) uint8) in the file ``path``, mapped
     shared: what one process writes, every process that maps the file sees, and the memory is held

@@ -314,12 +314,8 @@ def in_memory(dataset, tf, info: utils.DistInfo) -> datasets.InMemoryImages:
                         "--in-memory: the images could not be decoded (the first process of a machine says why)")
     try:
         if images is None:  # the machine's first process chose the folder
-            paths = [os.path.join(folder, name) for folder in datasets.SHARED_FOLDERS]
-            path = next((path for path in paths if os.path.exists(path)), None)
             try:
-                if path is None:
-                    raise OSError(f"{name} is in none of {', '.join(datasets.SHARED_FOLDERS)}: the process of local "
-                                  f"rank 0 on each machine writes it, and this machine has none (LOCAL_RANK)")
+                path = datasets.find_shared(name)
                 images = datasets.InMemoryImages.mapped(dataset, tf, path, len(dataset), height, width)
             except OSError as e:
                 error = e

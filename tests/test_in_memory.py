@@ -411,3 +411,17 @@ def test_without_proc_the_shared_file_is_named_and_removed_by_unshare(tmp_path, 
         assert torch.equal(mapped.images, plain.images) and torch.equal(mapped.labels, plain.labels)
         memory.unshare()
         assert os.listdir(shared) == []
+
+
+def test_the_other_processes_are_told_why_they_cannot_open_the_shared_file(tmp_path, monkeypatch):
+    first, second = tmp_path / "shm", tmp_path / "tmp"
+    first.mkdir(), second.mkdir()
+    monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(first), str(second)))
+    with pytest.raises(OSError, match=r"^z is in none of .*shm, .*tmp: the process of local rank 0 on each machine"):
+        datasets.find_shared("z")
+    (second / "z").write_bytes(b"")
+    assert datasets.find_shared("z") == str(second / "z")
+    os.symlink("/proc/999999999/fd/3", first / "z")  # the first process's, in a /proc this one does not see
+    with pytest.raises(OSError, match=r"shm/z leads to /proc/999999999/fd/3, which this process cannot open: the "
+                                      r"processes of a machine must see one another in /proc \(one container"):
+        datasets.find_shared("z")
