@@ -2,6 +2,7 @@
 
     python bench/gpu_results.py --cifar-dir DIR --out OUT              # both, within --minutes (9)
     python bench/gpu_results.py --cifar-dir DIR --out OUT --parts classification --minutes 5
+    python bench/gpu_results.py --cifar-dir DIR --out OUT --reference VICREGL  # the speed row first
 
 classification: resnet18 with the small-input stem (so that a 32-pixel crop gives a 4x4 map, 16
 positions for the local loss) pretrained on DIR (class folders DIR/train/<class>/ and DIR/val/<class>/
@@ -15,6 +16,11 @@ segmentation: the built-in dataset's masks at a larger budget than `make demo-se
 drawn at 96 pixels and crops of 96 (3x3 maps of resnet_mini instead of 2x2), VICReg and VICRegL
 pretrained for the same time, and the same frozen linear head on each and on a random network, at 144
 pixels (the scale that the crops show), scored by mIoU.
+
+speed (with --reference, a checkout of github.com/facebookresearch/VICRegL): our training step against
+the original's, `bench/train_step.py --reference` at the paper's sizes on this device (resnet50 and
+convnext_small, 2x224 + 6x96 crops, batch 64, fp16); it runs first, and the other parts share what it
+leaves of --minutes.
 
 Each part gets its share of --minutes, and each pretraining what its part has left after the
 evaluations (whose cost the random network's evaluation measures); --epochs is an upper bound. As each
@@ -71,8 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="where the results and every run's outputs go")
-    p.add_argument("--parts", nargs="+", default=["classification", "segmentation"],
-                   choices=["classification", "segmentation"], help="which comparisons to run")
+    p.add_argument("--parts", nargs="+", default=None, choices=list(PARTS),
+                   help="which comparisons to run (default: all; speed only with --reference)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="speed: a checkout of github.com/facebookresearch/VICRegL to time against")
     p.add_argument("--minutes", type=float, default=9.0, help="time budget of the whole command")
     p.add_argument("--cifar-dir", type=Path, default=None,
                    help="classification: class folders DIR/train/<class>/ and DIR/val/<class>/ of 32-pixel images")
@@ -107,6 +115,9 @@ class Results:
 
     def markdown(self) -> str:
         lines = []
+        if "speed" in self.data:
+            lines += [f"speed against the original ({self.data['device']}):", "", "```",
+                      *self.data["speed"]["train_step"]["lines"], "```", ""]
         for part, columns in TABLES.items():
             rows = self.data.get(part)
             if not rows:
@@ -184,9 +195,25 @@ def segmentation(args, results: Results, minutes: float) -> None:
                                                        args.seg_images)})
 
 
+def speed(args, results: Results, minutes: float) -> None:
+    """bench/train_step.py --reference: its table, as printed, goes into the results."""
+    log = args.out / "speed.log"
+    demo.run(["bench/train_step.py", "--reference", str(args.reference), "--device", args.device], log)
+    lines = log.read_text().splitlines()
+    header = next(k for k, line in enumerate(lines) if line.startswith("arch"))
+    results.add("speed", "train_step", {"lines": lines[header - 1:]})
+
+
+PARTS = {"speed": speed, "classification": classification, "segmentation": segmentation}
+
+
 def main(argv=None) -> None:
     args = get_args_parser().parse_args(argv)
     start = time.time()
+    if args.parts is None:
+        args.parts = [part for part in PARTS if part != "speed" or args.reference is not None]
+    if "speed" in args.parts and args.reference is None:
+        raise UserError("--parts speed needs --reference (a checkout of github.com/facebookresearch/VICRegL)")
     if "classification" in args.parts and args.cifar_dir is None:
         raise UserError("--parts classification needs --cifar-dir (class folders train/ and val/)")
     if args.minutes <= 0 or args.max_steps < 0 or args.workers < 0:
@@ -197,9 +224,10 @@ def main(argv=None) -> None:
     results = Results(args.out, device_name(args.device))
     args.fp16 = [] if results.data["device"] == "CPU" else ["--fp16"]  # mixed precision on a GPU
     print(f"device: {results.data['device']}", flush=True)
-    for k, part in enumerate(args.parts):
-        share = (args.minutes - (time.time() - start) / 60) / (len(args.parts) - k)
-        (classification if part == "classification" else segmentation)(args, results, share)
+    parts = sorted(set(args.parts), key=list(PARTS).index)  # speed first: it is short and not budgeted
+    for k, part in enumerate(parts):
+        budgeted = [later for later in parts[k:] if later != "speed"]
+        PARTS[part](args, results, (args.minutes - (time.time() - start) / 60) / max(len(budgeted), 1))
     results.data["minutes"] = round((time.time() - start) / 60, 2)
     results.save()
     print("\n" + results.markdown(), flush=True)

@@ -2,6 +2,7 @@
 and by segmentation on the built-in masks), checked end to end on a CPU at a size that learns nothing:
 each run gets its alpha, each number comes from its own run's output, and the tables say which is which."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,24 @@ def test_classification_without_its_folder_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^--parts classification needs --cifar-dir"):
         gpu_results.main(["--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_speed_needs_the_original(tmp_path):
+    with pytest.raises(UserError, match=r"^--parts speed needs --reference \(a checkout of github.com/facebookresearch"):
+        gpu_results.main(["--out", str(tmp_path / "out"), "--parts", "speed"])
+
+
+@pytest.mark.skipif(not os.environ.get("VICREGL_ORIGINAL_DIR"), reason="needs a checkout of the original in "
+                    "$VICREGL_ORIGINAL_DIR")
+def test_speed_row_against_the_original(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "bench/gpu_results.py", "--parts", "speed", "--reference",
+                           os.environ["VICREGL_ORIGINAL_DIR"], "--out", str(out), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = json.loads((out / "results.json").read_text())["speed"]["train_step"]["lines"]
+    assert lines[0].startswith("CPU, ") and lines[1].split() == ["arch", "original", "img/s", "ours", "img/s",
+                                                                  "ours/original", "loss", "rel.", "diff"]
+    row = lines[2].split()
+    assert row[0] == "resnet50" and abs(float(row[3].rstrip("x")) - float(row[2]) / float(row[1])) < 0.05
+    assert "```\n" + "\n".join(lines) + "\n```" in (out / "results.md").read_text()
