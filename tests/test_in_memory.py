@@ -352,7 +352,7 @@ def test_main_vicregl_under_torchrun_shares_the_images(tmp_path):
     assert "96 training images of 32x32" in line and "one copy per machine in " in line, line
     folder = line.split("one copy per machine in ")[1].split(",")[0]
     assert not [f for f in os.listdir(folder) if f.startswith("vicregl-images-") and f.endswith(socket.gethostname())
-                and os.path.getmtime(os.path.join(folder, f)) >= start - 1]
+                and os.lstat(os.path.join(folder, f)).st_mtime >= start - 1]
 
 
 KILLED_DECODER = """
