@@ -812,21 +812,16 @@ def _create_shared(path: str, nbytes: int) -> Optional[int]:
     if os.path.isdir(fds):
         fd, name = tempfile.mkstemp(dir=folder, prefix=".vicregl-")
         os.unlink(name)
-        linked = False
         try:
             _reserve(fd, nbytes)
             os.symlink(os.path.join(fds, str(fd)), path)
-            linked = True
-            try:
-                if os.path.samestat(os.stat(path), os.fstat(fd)):
-                    return fd
-            except OSError:
-                pass
-            os.unlink(path)  # the link leads elsewhere (a /proc of another process space): a named file
-            linked = False
-        finally:
-            if not linked:
-                os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if os.path.exists(path) and os.path.samestat(os.stat(path), os.fstat(fd)):
+            return fd
+        os.unlink(path)  # the link leads elsewhere (a /proc of another process space): a named file
+        os.close(fd)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         _reserve(fd, nbytes)

@@ -25,14 +25,15 @@ leaves of --minutes.
 Each part gets its share of --minutes, and each pretraining what its part has left after the
 evaluations (whose cost the random network's evaluation measures); --epochs is an upper bound. As each
 run ends, OUT/results.json and OUT/results.md (the tables, with the device's name) are rewritten, so a
-run cut short keeps what it finished; every command's output is in OUT/<run>.log.
+run cut short keeps what it finished; every command's output is in OUT/<run>.log (classification_vicregl,
+segmentation_eval_random, ...).
 """
 import argparse
 import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
@@ -59,11 +60,6 @@ def replaced(flags: Sequence[str], flag: str, *values: str) -> List[str]:
     at = flags.index(flag)
     flags[at + 1:at + 1 + len(values)] = values
     return flags
-
-
-def flag_value(flags: Sequence[str], flag: str) -> str:
-    """The value that follows ``flag`` in ``flags``."""
-    return flags[list(flags).index(flag) + 1]
 
 
 def device_name(device: str) -> str:
@@ -132,67 +128,60 @@ class Results:
         return "\n".join(lines)
 
 
-def pretrained(exp: Path, minutes: float, batch: int, images: int) -> dict:
-    """What a pretraining did: its steps of ``batch`` (and the epochs of ``images`` they make), its minutes."""
-    steps = demo.pretrain_steps(exp)
-    what = f", {steps:,} step{'s' * (steps != 1)} of {batch} ({steps * batch / images:.3g} epochs)"
-    return {"steps": steps, "what": what,
-            "pretrain_minutes": round(minutes, 2)}
-
-
-def classification(args, results: Results, minutes: float) -> None:
+def compare(args, results: Results, part: str, minutes: float, evaluate: List[str], score, pretrain: List[str],
+            batch: int, images: int) -> None:
+    """The random network evaluated (``evaluate`` + --exp-dir, scored by ``score(exp)``), then for each alpha
+    a pretraining (``pretrain`` + --alpha) in an equal share of what is left of ``minutes`` and the same
+    evaluation of its backbone; each result added to ``results`` under ``part`` as it comes. Outputs go
+    to OUT/<part>_<name> (pretraining) and OUT/<part>_eval_<name>, logs beside them."""
     start = time.time()
-    counts = demo.check_data("imagefolder", args.cifar_dir, False)
-    data = ["--dataset", "imagenet1k", "--data-dir", str(args.cifar_dir), "--arch", args.arch, "--device", args.device]
-    evaluate = ["evaluate.py", *CLS_EVALUATE, *data, "--workers", str(args.workers)]
-    eval_s = demo.run([*evaluate, "--exp-dir", str(args.out / "cls_random")], args.out / "cls_random.log")
-    s = demo.summary(args.out / "cls_random")
-    results.add("classification", "random", {"arch": args.arch, "knn_top1": s["knn_top1"],
-                                             "linear_top1": s["best_acc1"], "minutes": eval_s / 60})
+
+    def evaluated(name: str, extra: List[str]) -> Tuple[float, dict]:
+        exp = args.out / f"{part}_eval_{name}"
+        seconds = demo.run([*evaluate, *extra, "--exp-dir", str(exp)], args.out / f"{part}_eval_{name}.log")
+        return seconds, score(exp)
+
+    eval_s, scores = evaluated("random", [])
+    results.add(part, "random", {**scores, "minutes": eval_s / 60})
     budget = demo.pretrain_minutes(minutes, time.time() - start, eval_s, evals_left=len(ALPHAS),
                                    pretrainings=len(ALPHAS))
     cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    print(f"classification: {counts['train']} training images; each pretraining gets {budget:.1f} minutes "
-          f"(at most {args.epochs} epochs)", flush=True)
+    print(f"{part}: {images:,} training images; each pretraining gets {budget:.1f} minutes", flush=True)
     for name, alpha in ALPHAS.items():
-        exp = args.out / f"cls_{name}"
-        pretrain_s = demo.run(["main_vicregl.py", *CLS_PRETRAIN, *data, "--alpha", str(alpha), "--epochs",
-                               str(args.epochs), "--batch-size", str(args.batch_size), *args.fp16, "--num-workers", str(args.workers), "--time-budget", f"{budget:.3f}",
-                               *cap, "--exp-dir", str(exp)], args.out / f"cls_{name}.log")
-        eval_s = demo.run([*evaluate, "--pretrained", str(exp / "backbone.pth"), "--exp-dir",
-                           str(args.out / f"cls_{name}_eval")], args.out / f"cls_{name}_eval.log")
-        s = demo.summary(args.out / f"cls_{name}_eval")
-        results.add("classification", name, {"arch": args.arch, "knn_top1": s["knn_top1"],
-                                             "linear_top1": s["best_acc1"], "minutes": (pretrain_s + eval_s) / 60,
-                                             **pretrained(exp, pretrain_s / 60, args.batch_size, counts["train"])})
+        exp = args.out / f"{part}_{name}"
+        pretrain_s = demo.run([*pretrain, *args.fp16, "--alpha", str(alpha), "--time-budget", f"{budget:.3f}", *cap,
+                               "--exp-dir", str(exp)], args.out / f"{part}_{name}.log")
+        eval_s, scores = evaluated(name, ["--pretrained", str(exp / "backbone.pth")])
+        steps = demo.pretrain_steps(exp)
+        what = f", {steps:,} step{'s' * (steps != 1)} of {batch} ({steps * batch / images:.3g} epochs)"
+        results.add(part, name, {**scores, "minutes": (pretrain_s + eval_s) / 60, "steps": steps, "what": what,
+                                 "pretrain_minutes": round(pretrain_s / 60, 2)})
+
+
+def classification(args, results: Results, minutes: float) -> None:
+    counts = demo.check_data("imagefolder", args.cifar_dir, False)
+    data = ["--dataset", "imagenet1k", "--data-dir", str(args.cifar_dir), "--arch", args.arch, "--device", args.device]
+
+    def score(exp: Path) -> dict:
+        s = demo.summary(exp)
+        return {"arch": args.arch, "knn_top1": s["knn_top1"], "linear_top1": s["best_acc1"]}
+
+    evaluate = ["evaluate.py", *CLS_EVALUATE, *data, "--workers", str(args.workers)]
+    pretrain = ["main_vicregl.py", *CLS_PRETRAIN, *data, "--epochs", str(args.epochs), "--batch-size",
+                str(args.batch_size), "--num-workers", str(args.workers)]
+    compare(args, results, "classification", minutes, evaluate, score, pretrain, args.batch_size, counts["train"])
 
 
 def segmentation(args, results: Results, minutes: float) -> None:
-    start = time.time()
     common = [*demo.SEG_DATA, "--builtin-images", str(args.seg_images), "--builtin-seed", str(args.seg_seed),
               "--arch", "resnet_mini", "--device", args.device]
     head = ["segmentation/train.py", *common, "--builtin-size", str(SEG_HEAD_SIDE),
             *replaced(demo.SEG_HEAD, "--workers", str(args.workers)),
             "--builtin-val-images", str(args.seg_val_images), "--iters", str(args.head_iters)]
-    head_s = demo.run([*head, "--exp-dir", str(args.out / "seg_head_random")], args.out / "seg_head_random.log")
-    results.add("segmentation", "random", {"arch": "resnet_mini", **demo.head_miou(args.out / "seg_head_random"),
-                                           "minutes": head_s / 60})
-    budget = demo.pretrain_minutes(minutes, time.time() - start, head_s, evals_left=len(ALPHAS),
-                                   pretrainings=len(ALPHAS))
-    cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
     pretrain = replaced(replaced(demo.SEG_PRETRAIN, "--size-crops", str(SEG_SIDE)), "--num-workers", str(args.workers))
-    print(f"segmentation: {args.seg_images} scenes; each pretraining gets {budget:.1f} minutes", flush=True)
-    for name, alpha in ALPHAS.items():
-        exp = args.out / f"seg_{name}"
-        pretrain_s = demo.run(["main_vicregl.py", *common, "--builtin-size", str(SEG_SIDE), *pretrain, *args.fp16, "--alpha",
-                               str(alpha), "--time-budget", f"{budget:.3f}", *cap, "--exp-dir", str(exp)],
-                              args.out / f"seg_{name}.log")
-        head_s = demo.run([*head, "--pretrained", str(exp / "backbone.pth"), "--exp-dir",
-                           str(args.out / f"seg_head_{name}")], args.out / f"seg_head_{name}.log")
-        results.add("segmentation", name, {"arch": "resnet_mini", **demo.head_miou(args.out / f"seg_head_{name}"),
-                                           "minutes": (pretrain_s + head_s) / 60,
-                                           **pretrained(exp, pretrain_s / 60, int(flag_value(pretrain, "--batch-size")),
-                                                       args.seg_images)})
+    compare(args, results, "segmentation", minutes, head, lambda exp: {"arch": "resnet_mini", **demo.head_miou(exp)},
+            ["main_vicregl.py", *common, "--builtin-size", str(SEG_SIDE), *pretrain],
+            int(pretrain[pretrain.index("--batch-size") + 1]), args.seg_images)
 
 
 def speed(args, results: Results, minutes: float) -> None:

@@ -43,24 +43,26 @@ def test_both_comparisons_end_to_end(tmp_path):
     assert results["device"] == "CPU" and results["minutes"] > 0
     table = (out / "results.md").read_text()
     for name, alpha in (("vicreg", 1.0), ("vicregl", 0.75)):
-        for part in ("cls", "seg"):
+        for part in ("classification", "segmentation"):
             ckpt = torch.load(out / f"{part}_{name}" / "model.pth", weights_only=True)
             assert ckpt["args"]["alpha"] == alpha and ckpt["steps"] == 1
-            assert ckpt["args"]["small_input"] == (part == "cls")  # 32-pixel crops give 4x4 maps
+            assert ckpt["args"]["small_input"] == (part == "classification")  # 32-pixel crops give 4x4 maps
         cls, seg = results["classification"][name], results["segmentation"][name]
         assert cls["steps"] == seg["steps"] == 1
-        summary = last_json(out / f"cls_{name}_eval" / "stats.txt")
-        assert summary["summary"] and cls["knn_top1"] == summary["knn_top1"] and cls["linear_top1"] == summary["best_acc1"]
-        assert f"from {out / f'cls_{name}' / 'backbone.pth'}" in (out / f"cls_{name}_eval.log").read_text()
-        head = last_json(out / f"seg_head_{name}" / "stats.txt", "Val: {")
+        summary = last_json(out / f"classification_eval_{name}" / "stats.txt")
+        assert summary["summary"] and cls["knn_top1"] == summary["knn_top1"]
+        assert cls["linear_top1"] == summary["best_acc1"]
+        assert f"from {out / f'classification_{name}' / 'backbone.pth'}" in \
+            (out / f"classification_eval_{name}.log").read_text()
+        head = last_json(out / f"segmentation_eval_{name}" / "stats.txt", "Val: {")
         assert seg["miou"] == round(head["mIoU"], 2)
-        assert f"loaded resnet_mini weights from {out / f'seg_{name}' / 'backbone.pth'}" in \
-            (out / f"seg_head_{name}.log").read_text()
+        assert f"loaded resnet_mini weights from {out / f'segmentation_{name}' / 'backbone.pth'}" in \
+            (out / f"segmentation_eval_{name}.log").read_text()
         label = "VICRegL (alpha 0.75)" if name == "vicregl" else "VICReg (alpha 1.0)"
         assert (f"| resnet_test | {label}, 1 step of 16 (0.4 epochs) | {cls['knn_top1']:.1f} | "
                 f"{cls['linear_top1']:.1f} |") in table
         assert f"| resnet_mini | {label}, 1 step of 64 (1 epochs) | {seg['miou']:.1f} | {seg['aacc']:.1f} |" in table
-    random = last_json(out / "cls_random" / "stats.txt")
+    random = last_json(out / "classification_eval_random" / "stats.txt")
     assert results["classification"]["random"]["knn_top1"] == random["knn_top1"]
     assert table.index("classification (CPU):") < table.index("segmentation (CPU):")
 
@@ -72,7 +74,7 @@ def test_classification_without_its_folder_is_one_line(tmp_path):
 
 
 def test_speed_needs_the_original(tmp_path):
-    with pytest.raises(UserError, match=r"^--parts speed needs --reference \(a checkout of github.com/facebookresearch"):
+    with pytest.raises(UserError, match=r"^--parts speed needs --reference \(a checkout of github.com/"):
         gpu_results.main(["--out", str(tmp_path / "out"), "--parts", "speed"])
 
 
