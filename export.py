@@ -33,7 +33,7 @@ import models
 from models.checkpoints import (TRUST_FLAG, CheckpointError, extract_backbone_state_dict, guess_arch, misfit,
                                 read_checkpoint)
 from models.timm_convert import TIMM_ARCHS, timm_model_args, to_timm, to_timm_state_dict
-from utils import UserError, exit_on_user_error
+from utils import UserError, exit_on_user_error, save_atomic
 
 __all__ = ["detectron2_name", "to_detectron2", "detectron2_config", "write_atomic", "dump_detectron2",
            "get_args_parser", "main"]
@@ -133,34 +133,17 @@ def dump_detectron2(obj, f: IO[bytes]) -> None:
 
 
 def write_atomic(path: str, dump: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through ``dump(f)`` into a temporary file next to ``path``, then rename it over
-    ``path`` (parent folders are created): an error or a crash never leaves a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            dump(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write(path: str, dump: Callable[[IO[bytes]], None]) -> None:
-    try:
-        write_atomic(path, dump)
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot write it ({e.strerror or e})") from None
+    """Write a file through ``dump(f)`` into a new temporary file next to ``path``, then rename it over
+    ``path`` (parent folders are created): an error or a crash never leaves a partial file, and a
+    failed write (full disk, read-only folder) is a UserError naming the file and the cause."""
+    save_atomic(dump, path, write=lambda dump, f: dump(f), resumable=False)
 
 
 # ----------------------------------------------------------------------------- reading weights
 
 def _read_weights(path: str, trusted: bool) -> Dict[str, Tensor]:
     try:
-        return extract_backbone_state_dict(read_checkpoint(path, trusted=trusted))
+        return extract_backbone_state_dict(read_checkpoint(path, trusted=trusted), path)
     except CheckpointError as e:
         raise UserError(" ".join(str(e).split())) from None
 
@@ -216,7 +199,7 @@ def run_detectron2(args: argparse.Namespace) -> None:
             # Detectron2 matches these bare names (stem.*, res2.* ...) to its own prefixed ones
             # (backbone.bottom_up.res2.* ...) only with its name-matching heuristics.
             "matching_heuristics": True}
-    _write(args.out, lambda f: dump_detectron2(blob, f))
+    write_atomic(args.out, lambda f: dump_detectron2(blob, f))
     print(f"wrote {len(d2)} tensors ({arch}, Detectron2 names) to {args.out}")
     print("Detectron2 config for these weights:")
     print("\n".join(detectron2_config(d2, args.out)))
@@ -237,7 +220,7 @@ def run_timm(args: argparse.Namespace) -> None:
         checked = _check_with_timm(sd, arch)
     except (CheckpointError, ValueError) as e:
         raise UserError(" ".join(str(e).split())) from None
-    _write(args.out, lambda f: torch.save(converted, f))
+    write_atomic(args.out, lambda f: torch.save(converted, f))
     name, kwargs = timm_model_args(arch, sd)
     print(f"wrote {len(converted)} tensors ({arch} as timm {name}) to {args.out}"
           + ("" if checked else " (timm is not installed: not checked against the timm model)"))

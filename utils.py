@@ -4,11 +4,13 @@ Everything here works in one plain process with no process group at all (rank 0,
 gather = identity), so the same code runs on a laptop CPU and under torchrun or SLURM.
 This module imports no other project module.
 """
+import errno
 import json
 import math
 import os
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -421,11 +423,7 @@ class JsonLogger:
         self.board.flush()  # a killed or preempted run keeps every line it logged
 
     def _append(self, line: str) -> None:
-        try:
-            with open(self.path, "a") as f:
-                print(line, file=f)
-        except OSError as e:
-            raise UserError(write_error_message(self.path, e)) from None
+        append_text(self.path, line + "\n")
 
     def progress(self, text: str) -> None:
         if self.tty:
@@ -441,35 +439,156 @@ def hms(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------- files and errors
 
-def save_atomic(obj, path: str, write: Optional[Callable] = None) -> None:
-    """``write(obj, file)`` (torch.save by default) to a temporary file in the same folder, fsync, then
-    rename over ``path``: a crash while writing never leaves a truncated file in place of the last good
-    one. A failed write (full disk, read-only or vanished folder) raises UserError naming the path and
-    the cause; the previous file is left as it was."""
+def save_atomic(obj, path: str, write: Optional[Callable] = None, resumable: bool = True) -> None:
+    """``write(obj, file)`` (torch.save by default) to a new temporary file in the same folder, fsync,
+    then rename it over ``path``: a crash while writing never leaves a truncated file in place of the
+    last good one. A failed write (full disk, read-only or vanished folder) raises UserError naming the
+    path and the cause (``resumable``: the message says that the same command continues from the last
+    checkpoint); the previous file is left as it was and no temporary file remains. An error that is
+    not a failed write (an object that cannot be saved) is raised as it is."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
+        # a new file under a random name (O_EXCL): a link planted where the temporary file will be is
+        # refused, never written through
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp.")
+        with os.fdopen(fd, "wb") as f:
+            _make_readable(fd)
             (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(write_error_message(path, e, previous_kept=True)) from None
+        tmp = None
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer turns a failed write into a RuntimeError
+        cause = write_failure_cause(e, folder)  # before the partial file goes: the disk is full now
+        if cause is None and not isinstance(e, OSError):
+            raise  # a RuntimeError with neither an errno nor a full disk behind it: no failed write
+        cause = cause or e.strerror or str(e)
+        raise UserError(write_error_message(path, cause, previous_kept=True, resumable=resumable)) from None
     finally:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:  # never created, or the folder went away
+                pass
+
+
+def append_text(path: str, text: str) -> None:
+    """Append ``text`` to ``path`` (created as a plain open would when missing), whole or not at all:
+    a failed write (full disk, read-only folder) cuts the file back to where it was, so that the next run's lines do
+    not continue a torn one, and raises UserError naming the path and the cause. A link planted at
+    ``path`` is refused, never written through."""
+    data = text.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as e:
+        raise UserError(write_error_message(path, e)) from None
+    try:
+        end = os.fstat(fd).st_size
         try:
-            os.remove(tmp)
-        except OSError:  # renamed already, or never created
-            pass
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        raise UserError(write_error_message(path, e)) from None
+    finally:
+        os.close(fd)
 
 
-def write_error_message(path: str, error: OSError, previous_kept: bool = False) -> str:
-    """One line: what could not be written, why, and how to go on."""
-    cause = error.strerror or str(error)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symbolic links to refuse here
+_NEARLY_FULL = 1 << 20  # bytes: a write that failed with less free space than this ran out of it
+
+
+def write_failure_cause(error: BaseException, folder: str, path: Optional[str] = None) -> Optional[str]:
+    """Why a write into ``folder`` failed, in a few words, or None when ``error`` is no failed write.
+
+    The cause is the errno of the first OSError in the error's chain (itself, then what it was raised
+    from or while handling: torch.save's zip writer raises a RuntimeError while handling the OSError),
+    with the free space for a full disk ('No space left on device (0 bytes free in /x)'); without an
+    errno, a (nearly) full filesystem under ``folder`` is the cause. A link refused at ``path`` is
+    said so."""
+    found = _errno_error(error)
+    free = free_bytes(folder)
+    if found is None and (free is None or free >= _NEARLY_FULL):
+        return None
+    code = found.errno if found is not None else errno.ENOSPC
+    if code == errno.ELOOP and path is not None and os.path.islink(path):
+        return "it is a symbolic link, which is not followed (remove it)"
+    cause = os.strerror(code)
+    if code == errno.ENOSPC and free is not None:
+        cause += f" ({format_bytes(free)} free in {folder})"
+    return cause
+
+
+def _errno_error(error: BaseException) -> Optional[OSError]:
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def free_bytes(folder: str) -> Optional[int]:
+    """Bytes that an unprivileged write may still use in ``folder``'s filesystem; None when unknown."""
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):  # a vanished folder; no statvfs on Windows
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def format_bytes(n: int) -> str:
+    """'0 bytes', '512 bytes', '1.5 MiB'."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+
+
+def _make_readable(fd: int) -> None:
+    """mkstemp creates 0600; give the file the mode a plain open would (0666 less the umask), so that
+    checkpoints stay as readable as before."""
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except (OSError, AttributeError):  # a filesystem without modes (some network and FUSE mounts)
+        pass
+
+
+def _umask() -> int:
+    try:  # read without setting it: os.umask would change it for a moment for every thread
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_error_message(path: str, error, previous_kept: bool = False, resumable: bool = True) -> str:
+    """One line: what could not be written, why (``error``: an exception, or the cause in words), and
+    how to go on."""
+    if isinstance(error, BaseException):
+        error = (write_failure_cause(error, os.path.dirname(os.path.abspath(path)), path)
+                 or getattr(error, "strerror", None) or str(error))
     kept = f"; the previous {os.path.basename(path)} (if any) is intact" if previous_kept else ""
-    return (f"cannot write {path}: {cause}{kept}. Make room or fix the folder, then run the same command "
-            f"again to continue from the last checkpoint")
+    then = " to continue from the last checkpoint" if resumable else ""
+    return f"cannot write {path}: {error}{kept}. Make room or fix the folder, then run the same command again{then}"
 
 
 # The opt-in for checkpoints that hold Python objects (pickles that can run code), the same in every script.

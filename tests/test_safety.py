@@ -282,14 +282,17 @@ def test_our_lars_optimizer_state_is_plain_data():
 # ----------------------------------------------------------------------------- writes that fail
 
 # Runs a script with its writer patched: torch.save fails with ENOSPC (full disk) for files named
-# TARGET once AFTER of them were written, or opening TARGET for appending fails with EACCES.
+# TARGET once AFTER of them were written, or opening TARGET for appending fails with EACCES. For the
+# cases a real small filesystem cannot make; tests/test_disk_full.py fills a real one.
 _FAILING = r"""
-import builtins, errno, os, runpy, sys, torch
+import errno, os, runpy, sys, torch
 kind, target, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.argv = sys.argv[4:]
 seen = [0]
 
 def hit(name):
+    if isinstance(name, int):  # a file opened from a descriptor (the temporary files): its path
+        name = os.readlink(f"/proc/self/fd/{name}")
     base = os.path.basename(str(name))
     if base == target or base.startswith("." + target + ".tmp"):
         seen[0] += 1
@@ -304,12 +307,12 @@ if kind == "save":
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
 else:
-    real_open = builtins.open
-    def open_(file, mode="r", *args, **kwargs):
-        if "a" in mode and hit(file):
+    real_open = os.open
+    def open_(file, flags, *args, **kwargs):
+        if flags & os.O_APPEND and hit(file):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
-        return real_open(file, mode, *args, **kwargs)
-    builtins.open = open_
+        return real_open(file, flags, *args, **kwargs)
+    os.open = open_
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
