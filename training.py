@@ -15,7 +15,7 @@ import torch
 
 import datasets
 import utils
-from models.checkpoints import CheckpointError, read_checkpoint
+from models.checkpoints import CheckpointError, check_entries, read_checkpoint
 from utils import UserError
 
 # Names in stats.txt. Validation lines carry a prefix so that a reader can tell them apart; the other
@@ -109,6 +109,9 @@ def plain_args(args) -> Dict[str, object]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+RESUME_COUNTERS = ("epoch", "step_in_epoch", "iteration")  # the resume entries that are ints
+
+
 def load_resume_state(path: Path, kind: str, required: Sequence[str], args, checked: Sequence[str],
                       trusted: bool = False) -> Optional[dict]:
     """The checkpoint at ``path`` to resume from, or None when there is none.
@@ -128,6 +131,11 @@ def load_resume_state(path: Path, kind: str, required: Sequence[str], args, chec
     if missing:
         raise UserError(f"{path} is not a {kind} checkpoint (no {', '.join(missing)}); it was left untouched: "
                         f"use another --exp-dir")
+    try:  # counters are ints, states and saved arguments dicts: anything else would fail later, unexplained
+        check_entries(ckpt, str(path), {k: int if k in RESUME_COUNTERS else Mapping
+                                        for k in (*required, "step_in_epoch", "args")})
+    except CheckpointError as e:
+        raise UserError(f"{e}; it was left untouched: use another --exp-dir") from None
     saved, now = ckpt.get("args") or {}, plain_args(args)
     differ = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in checked
               if k in saved and saved[k] != now.get(k)]
@@ -143,7 +151,7 @@ def restore(path: Path, states: Mapping[str, Mapping], **objects) -> None:
     for name, obj in objects.items():
         try:
             obj.load_state_dict(states[name])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{path} does not fit this run: its {name} state: {str(e).strip().splitlines()[0]}. "
                             f"The file was left untouched") from None
 
