@@ -17,19 +17,26 @@
 
 Every dataset returns ``(transform(image), label)`` and exposes ``num_classes``. Unreadable
 image files are skipped (the next readable sample takes their place), each reported on one line
-of stderr and counted over every loader worker (``skipped_images``); a missing or empty data
-folder raises at construction.
+of stderr and counted over every loader worker (``skipped_images``); so are names that are not
+regular files (a FIFO would block) and images of more pixels than --max-image-pixels
+(``set_max_image_pixels``). A missing or empty data folder raises at construction. CIFAR's
+pickles are read by ``ArrayUnpickler``: plain numeric arrays, lists, dicts, strings and numbers only.
 
 ``build_loader`` wraps a dataset in a DataLoader with a DistributedSampler, splitting the
 global batch over the processes.
 """
+import io
 import itertools
 import multiprocessing
 import os
 import pickle
+import pickletools
 import random
+import re
+import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -42,8 +49,66 @@ import utils
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# PIL raises these for truncated, corrupt or non-image files.
+# PIL raises these for truncated, corrupt or non-image files (ImageTooLarge is an OSError).
 _UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+# Images of more pixels are skipped (--max-image-pixels): a file of a few kilobytes can claim a size
+# that takes gigabytes to decode. 8000x5000, far above ImageNet's largest images.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageTooLarge(OSError):
+    """An image of more pixels than ``Image.MAX_IMAGE_PIXELS`` (--max-image-pixels)."""
+
+
+def add_max_image_pixels_argument(group) -> None:
+    """--max-image-pixels, for the scripts that read image files (``set_max_image_pixels`` applies it)."""
+    group.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help="skip, with a warning, image files of more pixels (width x height) than this: a small "
+                            "compressed file can claim a size that takes gigabytes to decode (the default is "
+                            "8000x5000, far above ImageNet's largest images)")
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Make PIL refuse images of more than ``limit`` pixels in this process and the loader workers it
+    forks (``open_image`` turns PIL's warning between the limit and twice it into the same refusal).
+    A ValueError names the flag when ``limit`` is not positive."""
+    if limit < 1:
+        raise ValueError(f"--max-image-pixels must be positive, got {limit}")
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+def open_regular_file(path):
+    """``path`` opened for binary reading when it is a regular file (or a link to one); an OSError
+    otherwise. Never blocks: opening a FIFO named like an image waits for a writer that never comes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file but {_file_kind(mode)}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def open_image(f) -> Image.Image:
+    """``Image.open(f)`` (the header read, the pixels not yet decoded), or ImageTooLarge for an image of
+    more pixels than PIL's limit (``set_max_image_pixels``): PIL itself only warns up to twice it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(f)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageTooLarge(f"{pixels.group(1) if pixels else 'too many'} pixels, more than --max-image-pixels "
+                            f"{Image.MAX_IMAGE_PIXELS}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,12 +119,45 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _entries(folder: str) -> List[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError:  # unreadable, or gone: as os.walk, left out
+        return []
+
+
 def _list_images(folder: Path) -> List[Path]:
-    """All image files under ``folder``, recursively, in a stable (sorted) order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(Path(dirpath) / name for name in sorted(filenames) if _is_image(name))
+    """All image files under ``folder``, recursively, in a stable (sorted) order: a folder's files, then
+    its sub-folders'. Links are followed, each folder at most once (by device and inode: a link to a
+    folder above it would otherwise repeat the listing forever). A name with an image extension that is
+    not a regular file (a FIFO, a device, a broken link) is skipped with one warning line: opening one
+    could wait forever or read without end."""
+    found, seen, todo = [], set(), [str(folder)]
+    while todo:
+        path = todo.pop()
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subfolders = []
+        for entry in _entries(path):
+            if entry.is_dir():  # follows links
+                subfolders.append(entry.path)
+            elif _is_image(entry.name):
+                if entry.is_file():
+                    found.append(Path(entry.path))
+                else:
+                    try:
+                        kind = _file_kind(os.stat(entry.path).st_mode)
+                    except OSError:
+                        kind = "a broken link"
+                    print(f"warning: skipping {entry.path}: not a regular file but {kind}", file=sys.stderr,
+                          flush=True)
+        todo.extend(reversed(subfolders))
     return found
 
 
@@ -100,8 +198,8 @@ class ImageFileDataset(Dataset):
     def load(self, index: int):
         """Transformed image of sample ``index``; raises PIL's errors for unreadable files."""
         path = self.samples[index][0]
-        with open(path, "rb") as f:
-            img = Image.open(f)
+        with open_regular_file(path) as f:
+            img = open_image(f)
             if getattr(self.transform, "accepts_lazy_images", False):
                 return self.transform(img)  # decodes inside, while the file is open
             img = img.convert("RGB")
@@ -457,23 +555,194 @@ def synthetic_photo(width: int = 500, height: int = 375, seed: int = 0) -> Image
 # read CIFAR's pickles with an unrestricted pickle.load, and load STL-10's unlabeled images
 # into memory. torchvision is used only to download (--download).
 
+class _Name:
+    """A global that a CIFAR pickle may name (``ArrayUnpickler.find_class``): calling it calls ``fn``, and
+    no state can be set on it (BUILD), so that one file cannot change what the next file's names do."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Optional[Callable]):
+        self.fn = fn
+
+    def __call__(self, *args):
+        if self.fn is None:
+            raise pickle.UnpicklingError("numpy.ndarray may only be named as the class of _reconstruct")
+        return self.fn(*args)
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("a pickle may not set state on numpy's names")
+
+
+# numpy.ndarray stands for itself only as _reconstruct's first argument: called, the real class would
+# make an uninitialised array of any size the file asks for.
+_NDARRAY = _Name(None)
+
+# The dtypes that a CIFAR pickle may use: booleans, integers and floats, one scalar per element.
+_PLAIN_TYPE_CODE = re.compile(r"[biuf][1248]")
+
+
+class _PlainDtype:
+    """What ``numpy.dtype(code, align, copy)`` builds in a CIFAR pickle: a plain numeric type and its byte
+    order, never a numpy dtype made from the file's state. numpy's own ``dtype.__setstate__`` takes the
+    fields, their offsets, the size and the flags from the file unchecked: an object field laid over an
+    integer one turns a number of the file into a pointer (a crash, or a reference to any object)."""
+    __slots__ = ("dtype",)
+
+    def __init__(self, code, align=False, copy=False):
+        if not isinstance(code, str) or not _PLAIN_TYPE_CODE.fullmatch(code):
+            raise pickle.UnpicklingError(f"refused dtype {_short(code)}: only booleans, integers and floats "
+                                         f"(u1, i8, f4, ...) are allowed")
+        self.dtype = np.dtype(code)
+
+    def __setstate__(self, state):
+        # numpy writes (version, byte order, subarray, names, fields, size, alignment, flags[, metadata]):
+        # of these, only the byte order of a plain type is taken; the rest must say "none".
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[1] in ("<", ">", "|", "=")
+                and state[2] is None and state[3] is None and state[4] is None):
+            raise pickle.UnpicklingError("refused dtype state: only plain numbers are allowed (no fields, "
+                                         "subarrays or objects)")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _short(value) -> str:
+    """A description of a value from a file, of bounded length (whatever its nesting)."""
+    return repr(value)[:40] if isinstance(value, (str, bytes, int, float)) else type(value).__name__
+
+
+def _plain_dtype(spec) -> np.dtype:
+    if not isinstance(spec, _PlainDtype):
+        raise pickle.UnpicklingError(f"refused array type {_short(spec)}: expected a numpy.dtype")
+    return spec.dtype
+
+
+def _checked_shape(shape) -> Tuple[int, ...]:
+    if not (isinstance(shape, tuple) and len(shape) <= 32 and all(type(d) is int and d >= 0 for d in shape)):
+        raise pickle.UnpicklingError(f"refused array shape {_short(shape)}: expected a tuple of sizes")
+    return shape
+
+
+def _checked_bytes(raw, shape: Tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The bytes of an array of ``shape`` and ``dtype``: only as many as the file holds."""
+    if isinstance(raw, str):  # Python 2's str, read with encoding="latin1"
+        raw = raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"refused array data of type {type(raw).__name__}: expected bytes")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python integers: no overflow
+    if len(raw) != need:
+        raise pickle.UnpicklingError(f"an array of shape {shape} and type {dtype} needs {need} bytes, the file "
+                                     f"holds {len(raw)}")
+    return raw
+
+
+class _PickledArray(np.ndarray):
+    """An array made by a CIFAR pickle: numpy's ``__setstate__`` (the BUILD that fills it) runs only after
+    its type, shape and bytes are checked, so that nothing larger than the file's bytes is allocated."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("refused array state: expected (version, shape, dtype, order, bytes)")
+        if len(state) == 5 and state[0] not in (0, 1):
+            raise pickle.UnpicklingError(f"refused array state version {_short(state[0])}")
+        shape, spec, fortran, raw = state[-4:]
+        dtype = _plain_dtype(spec)
+        shape = _checked_shape(shape)
+        raw = _checked_bytes(raw, shape, dtype)
+        np.ndarray.__setstate__(self, (1, shape, dtype, bool(fortran), bytes(raw)))
+
+
+def _reconstruct(cls, shape, typecode) -> _PickledArray:
+    """numpy's ``_reconstruct(ndarray, (0,), 'b')``: an empty array that the BUILD after it fills. The shape
+    and type asked for here are not used (numpy always writes (0,) and 'b')."""
+    if cls is not _NDARRAY:
+        raise pickle.UnpicklingError(f"refused _reconstruct of {_short(cls)}: only numpy.ndarray")
+    return np.empty(0, np.uint8).view(_PickledArray)
+
+
+def _frombuffer(buf, spec, shape, order) -> _PickledArray:
+    """numpy's ``_frombuffer`` (pickle protocol 5): the array over ``buf``, checked as BUILD's state is."""
+    dtype, shape = _plain_dtype(spec), _checked_shape(shape)
+    if order not in ("C", "F") or isinstance(buf, str):
+        raise pickle.UnpicklingError(f"refused _frombuffer arguments (order {_short(order)})")
+    array = np.frombuffer(_checked_bytes(buf, shape, dtype), dtype)
+    array = array.reshape(shape[::-1]).T if order == "F" else array.reshape(shape)
+    return array.view(_PickledArray)
+
+
 def _numpy_array_globals() -> dict:
-    """The callables numpy's pickles of plain arrays name, under every module path numpy used."""
-    reconstruct = np.ndarray(0).__reduce__()[0]  # numpy's array rebuilder (protocols 0-4)
-    frombuffer = np.ndarray(0).__reduce_ex__(5)[0]  # what numpy writes with pickle protocol 5
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    """The names numpy's pickles of plain arrays use, under every module path numpy used, each bound
+    to a checked stand-in (never to numpy's own callables)."""
+    allowed = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _Name(_PlainDtype)}
     for core in ("numpy.core", "numpy._core"):  # numpy < 2 wrote numpy.core, numpy 2 numpy._core
-        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _Name(_reconstruct)
+        allowed[(f"{core}.numeric", "_frombuffer")] = _Name(_frombuffer)
     return allowed
 
 
+# What a pickle may make its reader hash: CPython does not cache a tuple's hash, so a dict key that is a
+# tuple of two references to one tuple, nested 40 deep, takes 2**40 steps to hash (a file of 300 bytes
+# that never finishes loading). The official batches hash a few strings.
+PICKLE_HASH_WORK = 1 << 22
+_MARK_OPS = {op.name: op.stack_before.index(pickletools.markobject) for op in pickletools.opcodes
+             if pickletools.markobject in op.stack_before}  # items taken from below the mark
+_STACK_OPS = {op.name: (len(op.stack_before), len(op.stack_after)) for op in pickletools.opcodes}
+_HASHED = {"SETITEM": slice(1, 2), "SETITEMS": slice(0, None, 2), "DICT": slice(0, None, 2),
+           "ADDITEMS": slice(None), "FROZENSET": slice(None)}  # which of an opcode's items it hashes
+
+
+def check_pickle_size(data: bytes) -> None:
+    """Refuses (``pickle.UnpicklingError``) a pickle that would cost its reader time or memory out of
+    proportion to its size, before anything is built: a length or a memo index beyond what the file
+    holds, or tuples that, with their shared references expanded, exceed PICKLE_HASH_WORK elements
+    where they are hashed. The opcodes are followed on a stack of weights (a tuple weighs its
+    elements expanded, anything else 1)."""
+    stack, marks, memo, work = [], [], {}, 0
+    for op, arg, _ in pickletools.genops(data):  # a ValueError for lengths beyond the file's end
+        name = op.name
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            index = len(memo) if name == "MEMOIZE" else arg
+            if index > len(memo) or len(stack) <= (marks[-1] if marks else 0):
+                raise pickle.UnpicklingError(f"memo index {index} out of order")  # the C reader would allocate it
+            memo[index] = stack[-1]
+            continue
+        if name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in memo:
+                raise pickle.UnpicklingError(f"memo index {arg} read before it is written")
+            stack.append(memo[arg])
+            continue
+        if name == "MARK":
+            marks.append(len(stack))
+            continue
+        taken, pushed = _STACK_OPS[name]
+        items = []
+        if name in _MARK_OPS:  # the items above the mark, then _MARK_OPS[name] below it
+            if not marks:
+                raise pickle.UnpicklingError(f"{name} without a MARK")
+            start = marks.pop()
+            items, taken = stack[start:], _MARK_OPS[name]
+            del stack[start:]
+        if len(stack) - (marks[-1] if marks else 0) < taken:
+            raise pickle.UnpicklingError(f"{name} on a stack too short")
+        if taken:
+            items = stack[-taken:] + items
+            del stack[-taken:]
+        if name in _HASHED:
+            work += sum(items[taken:][_HASHED[name]] if name in _MARK_OPS else items[_HASHED[name]])
+        weight = 1 + sum(items) if name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET") else 1
+        if weight > PICKLE_HASH_WORK or work > PICKLE_HASH_WORK:
+            raise pickle.UnpicklingError(f"refused: its tuples, with their shared references expanded, exceed "
+                                         f"{PICKLE_HASH_WORK} elements")
+        stack.extend(items * 2 if name == "DUP" else [weight] * pushed)
+
+
 class ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds numpy arrays, dicts, lists, strings and numbers, and nothing else.
+    """Unpickler that rebuilds plain numeric numpy arrays, dicts, lists, strings and numbers, and nothing
+    else.
 
     CIFAR's python batches are pickles; an unrestricted ``pickle.load`` would run any callable a
     tampered file names. Every global other than numpy's array rebuilders is refused before it
-    is called (``pickle.UnpicklingError`` naming it)."""
+    is called (``pickle.UnpicklingError`` naming it), and those rebuilders are stand-ins that build
+    only arrays of booleans, integers or floats whose bytes are all in the file (no fields, objects
+    or subarrays, nothing allocated beyond the file's size)."""
 
     allowed = _numpy_array_globals()
 
@@ -489,19 +758,37 @@ def load_array_pickle(path) -> dict:
     """The dict pickled in ``path`` (CIFAR's Python-2 batches: str keys via latin-1), read with
     ``ArrayUnpickler``. A refused, truncated or malformed file raises ValueError naming it."""
     with open(path, "rb") as f:
-        try:
-            obj = ArrayUnpickler(f, encoding="latin1").load()  # latin-1: Python 2 str -> str
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
+        data = f.read()
+    try:
+        check_pickle_size(data)
+        obj = ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()  # latin-1: Python 2 str -> str
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError,
+            KeyError, OverflowError, MemoryError, RecursionError) as e:
+        raise ValueError(f"cannot read {path}: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"cannot read {path}: expected a pickled dict, found {type(obj).__name__}")
-    return obj
+    return {k: v.view(np.ndarray) if isinstance(v, np.ndarray) else v for k, v in obj.items()}
 
 
 def _field(batch: dict, key: str, path):
     if key not in batch:
-        raise ValueError(f"{path} has no {key!r} entry (found {', '.join(map(str, batch))})")
+        names = [k for k in batch if isinstance(k, str)]  # never str() of a key: a tuple may nest deeply
+        raise ValueError(f"{path} has no {key!r} entry (found {', '.join(names)[:200]})")
     return batch[key]
+
+
+def _labels(value, key: str, count: int, path) -> np.ndarray:
+    """(count,) int64 from a batch's ``key``: a flat list of ints or an integer vector, checked before any
+    conversion (np.asarray of lists that share their items, nested 30 deep, builds 2**30 elements)."""
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
+        labels = value.astype(np.int64)
+    elif isinstance(value, list) and all(type(v) is int and -2 ** 63 <= v < 2 ** 63 for v in value):
+        labels = np.array(value, dtype=np.int64)
+    else:
+        raise ValueError(f"{path}: expected {key!r} to be a list of integers, found {_short(value)}")
+    if len(labels) != count:
+        raise ValueError(f"{path}: {count} images in 'data' but {len(labels)} {key!r}")
+    return labels
 
 
 def read_cifar_batch(path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -509,12 +796,18 @@ def read_cifar_batch(path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
 
     A row of ``data`` holds 3072 bytes: the red 32x32 plane, then green, then blue, row-major."""
     batch = load_array_pickle(path)
-    data = np.asarray(_field(batch, "data", path))
-    labels = np.asarray(_field(batch, label_key, path), dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise ValueError(f"{path}: expected 'data' of shape (N, 3072) uint8 and N labels, found "
-                         f"{data.dtype} {data.shape} and {len(labels)} labels")
+    data = _field(batch, "data", path)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else _short(data)
+        raise ValueError(f"{path}: expected 'data' of shape (N, 3072) uint8, found {found}")
+    labels = _labels(_field(batch, label_key, path), label_key, len(data), path)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _class_names(value, key: str, path) -> List[str]:
+    if not (isinstance(value, list) and all(isinstance(c, (str, bytes)) for c in value)):
+        raise ValueError(f"{path}: expected {key!r} to be a list of names, found {_short(value)}")
+    return [c.decode("latin1") if isinstance(c, bytes) else c for c in value]
 
 
 class ImageArrayDataset(Dataset):
@@ -552,7 +845,8 @@ class CIFARDataset(ImageArrayDataset):
                  transform: Optional[Callable] = None):
         folder = Path(folder)
         parts = [read_cifar_batch(folder / name, label_key) for name in batches]
-        classes = [str(c) for c in _field(load_array_pickle(folder / meta), names_key, folder / meta)]
+        classes = _class_names(_field(load_array_pickle(folder / meta), names_key, folder / meta), names_key,
+                               folder / meta)
         self.images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))  # (N, 32, 32, 3)
         super().__init__(np.concatenate([p[1] for p in parts]), classes, transform)
         if len(self.targets) and not 0 <= self.targets.min() <= self.targets.max() < len(classes):
@@ -833,18 +1127,43 @@ def _create_shared(path: str, nbytes: int) -> Optional[int]:
     return None
 
 
+def _not_ours(st: os.stat_result, path: str) -> Optional[str]:
+    """Why ``path`` (``st``: of the link itself, or of the file) cannot be what this user's first process
+    made: another user's, not a regular file, or writable by others; None when it can be."""
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} belongs to user {st.st_uid}, not to this user ({os.getuid()})"
+    if stat.S_ISLNK(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file but {_file_kind(st.st_mode)}"
+    if st.st_mode & 0o022:
+        return f"{path} can be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def find_shared(name: str) -> str:
     """Where the file ``name`` that the first process of this machine made (``_create_shared``) is, in
-    SHARED_FOLDERS; an OSError that says why it cannot be opened."""
-    path = next((os.path.join(folder, name) for folder in SHARED_FOLDERS
-                 if os.path.lexists(os.path.join(folder, name))), None)
-    if path is None:
-        raise OSError(f"{name} is in none of {', '.join(SHARED_FOLDERS)}: the process of local rank 0 on each "
-                      f"machine writes it, and this machine has none (LOCAL_RANK)")
-    if not os.path.exists(path):  # a link to the first process's file, which this one cannot see
-        raise OSError(f"{path} leads to {os.readlink(path)}, which this process cannot open: the processes of a "
-                      f"machine must see one another in {PROC} (one container per machine, not one per process)")
-    return path
+    SHARED_FOLDERS; an OSError that says why it cannot be opened. A file or link of that name that
+    another user owns, or that others can write, is passed over: its contents would become the training
+    images. With none other, the OSError names it."""
+    refused = None
+    for path in (os.path.join(folder, name) for folder in SHARED_FOLDERS):
+        if not os.path.lexists(path):
+            continue
+        reason = _not_ours(os.lstat(path), path)  # the name: a link, or the file itself
+        if reason is None:
+            if not os.path.exists(path):  # a link to the first process's file, which this one cannot see
+                raise OSError(f"{path} leads to {os.readlink(path)}, which this process cannot open: the processes "
+                              f"of a machine must see one another in {PROC} (one container per machine, not one "
+                              f"per process)")
+            reason = _not_ours(os.stat(path), path)  # what it leads to
+        if reason is None:
+            return path
+        refused = refused or reason
+    if refused is not None:
+        raise OSError(f"refused {refused}: not the images of this run's first process")
+    raise OSError(f"{name} is in none of {', '.join(SHARED_FOLDERS)}: the process of local rank 0 on each "
+                  f"machine writes it, and this machine has none (LOCAL_RANK)")
 
 
 def _map_arrays(path: str, count: int, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ STARTED = time.time()
 
 import datasets
 import utils
-from models.checkpoints import read_checkpoint
+from models.checkpoints import CheckpointError, read_checkpoint
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parent
@@ -88,6 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run that checks the pipeline, too short to learn "
                    "much: --minutes 1.5 (segmentation: 3, with short heads)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    datasets.add_max_image_pixels_argument(p)  # also passed on to main_vicregl.py and evaluate.py
     return p
 
 
@@ -173,17 +174,22 @@ def run(cmd: List[str], log: Path) -> float:
     seconds it took."""
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
-    with open(log, "a") as f:
-        proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    utils.append_text(str(log), "")  # a log that cannot be written stops the demo before the script starts
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
         for line in proc.stdout:
-            f.write(line)
+            utils.append_text(str(log), line)  # a failed write (full disk) is a one-line UserError
             text = brief(line) if line.startswith(("{", "Val: ")) else line  # JSON lines are in stats.txt
             if text:
                 sys.stdout.write("  " + text)
                 sys.stdout.flush()
-        if proc.wait() != 0:
-            raise UserError(f"{cmd[0]} failed (exit {proc.returncode}); its output is in {log}")
+    except UserError:
+        proc.kill()  # nobody would read its output any more
+        proc.wait()
+        raise
+    if proc.wait() != 0:
+        raise UserError(f"{cmd[0]} failed (exit {proc.returncode}); its output is in {log}")
     return time.time() - start
 
 
@@ -204,9 +210,12 @@ def pretrain_steps(exp: Path) -> int:
     the last logged step + 1 (0 without a log line)."""
     ckpt = exp / "model.pth"
     if ckpt.is_file():
-        steps = read_checkpoint(ckpt).get("steps")
-        if steps is not None:
-            return int(steps)
+        try:
+            steps = read_checkpoint(ckpt).get("steps")
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        if isinstance(steps, int):
+            return steps
     return max((l.get("st", -1) for l in stats_lines(exp)), default=-1) + 1
 
 
@@ -269,9 +278,8 @@ def check_data(dataset: str, data_dir: Path, download: bool) -> Dict[str, int]:
 
 def _header_size(path: str) -> Optional[Tuple[int, int]]:
     """(width, height) of an image file from its header only; None when it cannot be read."""
-    from PIL import Image
     try:
-        with Image.open(path) as im:
+        with datasets.open_regular_file(path) as f, datasets.open_image(f) as im:
             return im.size
     except (OSError, SyntaxError, ValueError):
         return None
@@ -295,7 +303,7 @@ def _shrink_one(job: Tuple[str, str, int]) -> bool:
     from PIL import Image
     src, dst, side = job
     try:
-        with Image.open(src) as im:
+        with datasets.open_regular_file(src) as f, datasets.open_image(f) as im:
             im.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, at least side x side
             im = im.convert("RGB")
             scale = side / min(im.size)
@@ -395,7 +403,8 @@ def real_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     exp.mkdir(parents=True, exist_ok=True)
     data_dir = working_images(args.data_dir, exp) if dataset == "imagefolder" else args.data_dir
     name = "imagenet1k" if dataset == "imagefolder" else dataset
-    data = ["--dataset", name, "--data-dir", str(data_dir), "--arch", args.arch, "--device", args.device]
+    data = ["--dataset", name, "--data-dir", str(data_dir), "--arch", args.arch, "--device", args.device,
+            "--max-image-pixels", str(args.max_image_pixels)]
     loading = loading_flags(datasets.build_dataset(name, data_dir, "train", with_unlabeled=True))
     results, what = compare(args, minutes, exp, data, counts, loading)
     return exp, results, f"{args.data_dir} ({dataset}), {what}"
@@ -512,12 +521,16 @@ def results_json(results: Dict[str, dict], minutes: float) -> dict:
 
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically (a reader never sees half a file; a failed write is one line)."""
-    utils.save_atomic(text.encode(), str(path), write=lambda data, f: f.write(data))
+    utils.save_atomic(text.encode(), str(path), write=lambda data, f: f.write(data), resumable=False)
 
 
 def main() -> None:
     args = get_args_parser().parse_args()
     args.start = STARTED  # the clock (moved past a download of the data)
+    try:
+        datasets.set_max_image_pixels(args.max_image_pixels)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.task == "segmentation":
         exp, results, what = segmentation_demo(args)
         minutes = (time.time() - args.start) / 60

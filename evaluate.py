@@ -86,6 +86,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="which images --dataset builtin draws (as main_vicregl.py's --builtin-seed)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
     utils.add_threads_argument(g)
+    datasets.add_max_image_pixels_argument(g)
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help=f"backbone: one of {', '.join(models.available_archs())}")
@@ -156,6 +157,7 @@ def check_args(args: argparse.Namespace) -> None:
         args.data_dir = Path(os.environ["IMAGENET_PATH"])
     try:
         family = models.backbone_family(args.arch)
+        datasets.set_max_image_pixels(args.max_image_pixels)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.small_input and family != "resnet":
@@ -234,10 +236,7 @@ def download_file_list(percent: int, cache_dir: Path, url: Optional[str] = None,
                         f"it from {url} failed ({reason}). Offline, download {percent}percent.txt from that "
                         f"address on another machine and pass --train-files /path/to/{percent}percent.txt") from None
     if utils.is_main_process():  # atomically: other processes may be reading an older copy
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{cached.name}.tmp.{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, cached)
+        utils.save_atomic(text.encode(), str(cached), write=lambda data, f: f.write(data))
     return parse_file_list(text), url
 
 
@@ -413,9 +412,18 @@ CHECKED_ARGS = ("arch", "weights", "small_input", "dataset", "epochs", "train_pe
 
 
 def load_resume_state(path: Path, args) -> Optional[dict]:
-    """exp_dir/checkpoint.pth if present; a file from another configuration is a UserError."""
-    return training.load_resume_state(path, "evaluate.py", ("epoch", "model", "optimizer", "scheduler"), args,
-                                      CHECKED_ARGS, trusted=args.trust_checkpoint)
+    """exp_dir/checkpoint.pth if present; a file from another configuration, or whose best accuracies
+    are not numbers, is a UserError."""
+    ckpt = training.load_resume_state(path, "evaluate.py", ("epoch", "model", "optimizer", "scheduler", "best_acc"),
+                                      args, CHECKED_ARGS, trusted=args.trust_checkpoint)
+    if ckpt is None:
+        return None
+    if not all(isinstance(ckpt["best_acc"].get(k), (int, float)) for k in ("acc1", "acc5")):
+        raise UserError(f"{path}: its 'best_acc' entry must hold the numbers acc1 and acc5; it was left "
+                        f"untouched: use another --exp-dir")
+    if not isinstance(ckpt.get("knn"), (dict, type(None))):
+        raise UserError(f"{path}: its 'knn' entry must be a dict; it was left untouched: use another --exp-dir")
+    return ckpt
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, best: dict, knn: Optional[dict],

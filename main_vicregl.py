@@ -99,6 +99,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "have one size) and make the views of a whole batch at once: much less work per image, "
                         "for small images such as CIFAR's (with --num-workers 0 the training threads get "
                         "every core)")
+    datasets.add_max_image_pixels_argument(g)
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="convnext_small",
@@ -216,6 +217,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         models.backbone_family(args.arch)
         parse_mlp(args.mlp, "--mlp")
         parse_mlp(args.maps_mlp, "--maps-mlp")
+        datasets.set_max_image_pixels(args.max_image_pixels)
     except ValueError as e:
         raise UserError(str(e)) from None
     groups = {"--size-crops": args.size_crops, "--num-crops": args.num_crops,

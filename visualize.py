@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -558,6 +559,7 @@ class RunStats:
     commands: List[str] = field(default_factory=list)  # one per start (resumed runs add one)
     series: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
     skipped: int = 0  # lines that were neither a command line nor valid JSON (e.g. cut off by a crash)
+    first_skipped: int = 0  # the line number (from 1) of the first of them
 
 
 def _stats_path(path: str) -> Path:
@@ -581,7 +583,7 @@ def read_stats(path: str, label: Optional[str] = None) -> RunStats:
     run = RunStats(str(p), label or (p.parent.name if p.name == "stats.txt" else p.name) or str(p))
     points: Dict[str, Dict[int, float]] = {}
     val_lines, epoch_end, last_step = [], {}, 0
-    for line in p.read_text(errors="replace").splitlines():
+    for number, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
         text = line.strip()
         is_val = text.startswith("Val:")
         body = text[len("Val:"):].strip() if is_val else text
@@ -589,19 +591,17 @@ def read_stats(path: str, label: Optional[str] = None) -> RunStats:
             if body:
                 run.commands.append(body)
             continue
-        try:
-            row = json.loads(body)
-        except json.JSONDecodeError:
+        row = _stats_row(body)
+        if row is None:
             run.skipped += 1
-            continue
-        if not isinstance(row, dict):
-            run.skipped += 1
+            run.first_skipped = run.first_skipped or number
             continue
         if is_val:
             val_lines.append((row, last_step))
             continue
         if not isinstance(row.get("st"), int):
             run.skipped += 1
+            run.first_skipped = run.first_skipped or number
             continue
         last_step = row["st"]
         epoch_end[row.get("ep")] = max(epoch_end.get(row.get("ep"), last_step), last_step)
@@ -612,6 +612,32 @@ def read_stats(path: str, label: Optional[str] = None) -> RunStats:
         steps = sorted(by_step)
         run.series[key] = (steps, [by_step[s] for s in steps])
     return run
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 19:  # steps and metrics fit in 64 bits; longer would overflow float() or take long to parse
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # a literal such as 1e999 (a diverged loss is written NaN or Infinity)
+        raise ValueError(f"number {text[:20]} out of range")
+    return value
+
+
+def _stats_row(body: str) -> Optional[dict]:
+    """The JSON object of one stats line, or None when the line is not a flat object of numbers, strings,
+    booleans and nulls (cut off by a crash, or not written by main_vicregl.py: huge or deeply nested values
+    are refused, not parsed)."""
+    try:
+        row = json.loads(body, parse_int=_bounded_int, parse_float=_finite_float)
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+        return None
+    if not isinstance(row, dict) or not all(v is None or isinstance(v, (int, float, str)) for v in row.values()):
+        return None
+    return row
 
 
 def _add_points(points: Dict[str, Dict[int, float]], row: dict, step: int) -> None:
@@ -996,6 +1022,9 @@ def _run_curves(args) -> None:
     for run in runs:
         if not run.series:
             raise UserError(f"{run.path} holds no metrics (no JSON line)")
+        if run.skipped:
+            print(f"warning: {run.path}: skipped {run.skipped} line(s) that are not a flat JSON object of numbers "
+                  f"and strings (the first: line {run.first_skipped})", file=sys.stderr, flush=True)
     fig = render_curves(runs, args.keys, args.cols, tuple(args.panel_size))
     out = Path(args.out) if args.out else _stats_path(args.stats[0]).parent / "curves.png"
     _save(fig, out, args.palette)

@@ -119,10 +119,13 @@ class SegmentationFiles(Dataset):
         return len(self.samples)
 
     def read(self, index: int) -> Tuple[Image.Image, np.ndarray]:
+        """(RGB image, (H, W) uint8 mask) of sample ``index``: regular files only, within the pixel limit
+        (--max-image-pixels); an OSError otherwise (a FIFO would block, a huge image fill the memory)."""
+        from datasets import open_image, open_regular_file  # the repository's datasets.py, as BuiltinMasks
         image_path, label_path = self.samples[index]
-        with Image.open(image_path) as im:
+        with open_regular_file(image_path) as f, open_image(f) as im:
             image = im.convert("RGB")
-        with Image.open(label_path) as lab:
+        with open_regular_file(label_path) as f, open_image(f) as lab:
             if lab.mode not in ("L", "P", "I", "I;16"):
                 raise ValueError(f"{label_path}: label images must hold class indices (mode L or P), "
                                  f"got mode {lab.mode} (colour-coded labels need converting first)")

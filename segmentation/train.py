@@ -128,6 +128,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--builtin-seed", type=int, default=0,
                    help="which images --dataset builtin draws (main_vicregl.py's --builtin-seed: the same value "
                         "gives the training images it pretrained on)")
+    datasets.add_max_image_pixels_argument(g)
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help=f"backbone: one of {', '.join(models.available_archs())}")
@@ -198,6 +199,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the per-dataset and per-backbone defaults (in place) and check every flag."""
     try:
         family = models.backbone_family(args.arch)
+        datasets.set_max_image_pixels(args.max_image_pixels)
     except ValueError as e:
         raise UserError(str(e)) from None
     fam, ds = FAMILY_DEFAULTS[family], DATASET_DEFAULTS[args.dataset]
