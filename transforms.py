@@ -4,15 +4,17 @@ A VICRegL training sample is a list of V crops of one image together with, for e
 N×N grid of the centres of its feature-map cells in the original image's pixel coordinates; the
 local loss matches positions of two views through these grids.
 
-Two implementations of the same distribution of views live here:
+The implementations of one distribution of views:
 
 * ``MultiCropTrainDataTransform``: the fast one used for training. It samples every random
   parameter of all V views with one RNG call, decodes the JPEG at a reduced scale when every crop
   allows it, resizes on uint8 tensors, and runs the colour distortion on one float tensor per crop
   size (batched, in place), or, with ``collate_views``, on all the views of a loader batch at once.
-* ``ReferenceMultiCropTransform``: the pipeline as the original implementation wrote it, crop by
-  crop with torchvision/PIL transforms. It is slow (about 2× slower) and kept as the oracle that
-  the tests and ``bench/transforms.py`` compare the fast one against.
+* ``MultiCropValDataTransform`` and the batched path (``BatchOfViews``, ``crop_batch``): the same
+  views for images held in memory, a whole batch at once.
+
+The original implementation's crop-by-crop torchvision/PIL pipeline, the oracle that the tests and
+``bench/transforms.py`` compare these against, lives in ``bench/reference_transforms.py``.
 
 Randomness comes from torch's global RNG (which the DataLoader seeds per worker) unless a
 ``torch.Generator`` is given.
@@ -26,8 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
 # Normalisation. The red std 0.228 (instead of ImageNet's 0.229) is a quirk of the original
 # pretraining code: the published VICRegL models were trained with it, so pretraining keeps it
@@ -471,7 +472,7 @@ class MultiCropTrainDataTransform(_MultiCropConfig):
     ``size_crops[0]``, then the next group. ``grid_sizes`` gives N per group (default: the map
     side of a stride-32 backbone, ``size // 32``: 224 → 7, 96 → 3).
 
-    Same distribution of views as ``ReferenceMultiCropTransform``, computed faster:
+    Same distribution of views as the original's pipeline (``bench/reference_transforms.py``), computed faster:
     - all random numbers of all views come from one ``torch.rand`` call;
     - a lazily opened JPEG (``Image.open`` without ``convert``) is decoded at 1/2, 1/4 or 1/8
       scale by libjpeg when every crop is downscaled at least that much anyway (``draft``);
@@ -746,101 +747,6 @@ class MultiCropValDataTransform:
     def __call__(self, img: Image.Image):
         img = _to_rgb(img)
         return self.val_transform(img), self.train_transform(img)
-
-
-# --------------------------------------------------------------------------------------------
-# The reference pipeline (slow; the oracle for tests and bench/transforms.py)
-# --------------------------------------------------------------------------------------------
-
-class RandomResizedCropWithParams(T.RandomResizedCrop):
-    """torchvision's RandomResizedCrop (bicubic) that also returns the crop (i, j, h, w, H, W)."""
-
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        super().__init__(size, scale=scale, ratio=ratio, interpolation=T.InterpolationMode.BICUBIC)
-
-    def forward(self, img):
-        i, j, h, w = self.get_params(img, self.scale, self.ratio)
-        _, height, width = TF.get_dimensions(img)
-        out = TF.resized_crop(img, i, j, h, w, self.size, self.interpolation, antialias=True)
-        return out, (i, j, h, w, height, width)
-
-
-class RandomHorizontalFlipWithFlag(torch.nn.Module):
-    """Horizontal flip with probability p that also returns whether it flipped."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        self.p = p
-
-    def forward(self, img):
-        flipped = bool(torch.rand(1) < self.p)
-        return (TF.hflip(img) if flipped else img), flipped
-
-
-class PILGaussianBlur:
-    """With probability p, PIL's Gaussian blur with sigma uniform in [0.1, 2.0]."""
-
-    def __init__(self, p: float):
-        self.p = p
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if torch.rand(1).item() >= self.p:
-            return img
-        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * torch.rand(1).item()
-        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-
-class PILSolarization:
-    """With probability p, PIL's solarize (threshold 128)."""
-
-    def __init__(self, p: float):
-        self.p = p
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if torch.rand(1).item() >= self.p:
-            return img
-        return ImageOps.solarize(img, threshold=SOLARIZE_THRESHOLD)
-
-
-def reference_colour_transform(index_in_group: int, std=PRETRAIN_STD) -> T.Compose:
-    """Colour distortion, ToTensor and Normalize of one crop, as the reference composed them."""
-    return T.Compose([
-        T.RandomApply([T.ColorJitter(**JITTER)], p=JITTER_P),
-        T.RandomGrayscale(p=GRAYSCALE_P),
-        PILGaussianBlur(p=blur_probability(index_in_group)),
-        PILSolarization(p=solarize_probability(index_in_group)),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, std),
-    ])
-
-
-class ReferenceMultiCropTransform(_MultiCropConfig):
-    """The reference implementation's training transform, crop by crop on PIL images.
-
-    Same arguments and output as ``MultiCropTrainDataTransform``. It is about 2× slower; it is
-    kept as the faithful oracle that the statistical test and the benchmark compare against.
-    """
-
-    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
-                 max_scale_crops=(1.0, 0.4), no_flip_grid=True, grid_sizes=None,
-                 ratio=(3 / 4, 4 / 3)):
-        super().__init__(size_crops, num_crops, min_scale_crops, max_scale_crops, no_flip_grid,
-                         grid_sizes, ratio)
-        self.crop_transforms = [RandomResizedCropWithParams(self.size_crops[g], self.scales[g], ratio)
-                                for g, _ in self.view_groups]
-        self.flip = RandomHorizontalFlipWithFlag(0.5)
-        self.colour_transforms = [reference_colour_transform(k) for _, k in self.view_groups]
-
-    def __call__(self, img: Image.Image) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        img = _to_rgb(img)
-        views, crops, flips = [], [], []
-        for crop_transform, colour_transform in zip(self.crop_transforms, self.colour_transforms):
-            view, crop = crop_transform(img)
-            view, flipped = self.flip(view)
-            views.append(colour_transform(view))
-            crops.append(crop)
-            flips.append(flipped)
-        return views, self.locations(crops, flips)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from PIL import Image  # noqa: E402
 
 import datasets  # noqa: E402
 import transforms  # noqa: E402
+from bench.reference_transforms import ReferenceMultiCropTransform  # noqa: E402
 
 
 DEFAULT_CROPS = "224x2,96x6"
@@ -109,7 +110,7 @@ def main():
           f"torch {torch.__version__}, 1 thread")
 
     batched = f"ours, colours per batch of {args.batch}"
-    pipelines = {"reference (per-crop PIL/torchvision)": (transforms.ReferenceMultiCropTransform(**kw), 0),
+    pipelines = {"reference (per-crop PIL/torchvision)": (ReferenceMultiCropTransform(**kw), 0),
                  "ours, image by image": (transforms.MultiCropTrainDataTransform(**kw), 0),
                  batched: (transforms.MultiCropTrainDataTransform(**kw, batch_colours=True), args.batch)}
     decoded = Image.open(io.BytesIO(data)).convert("RGB")

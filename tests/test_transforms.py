@@ -15,6 +15,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 import datasets
 import transforms as tr
+from bench.reference_transforms import ReferenceMultiCropTransform
 
 BICUBIC = TF.InterpolationMode.BICUBIC
 
@@ -122,15 +123,15 @@ def test_augmentation_constants_are_the_published_ones():
     # Crops with an even index inside their group are always blurred and never solarised.
     assert [tr.blur_probability(k) for k in range(6)] == [1.0, 0.1] * 3
     assert [tr.solarize_probability(k) for k in range(6)] == [0.0, 0.2] * 3
-    for transform in (tr.MultiCropTrainDataTransform(), tr.ReferenceMultiCropTransform()):
+    for transform in (tr.MultiCropTrainDataTransform(), ReferenceMultiCropTransform()):
         assert transform.ratio == (3 / 4, 4 / 3)
         assert transform.scales == [(0.4, 1.0), (0.08, 0.4)] and transform.num_crops == [2, 6]
 
 
 def test_reference_pipeline_is_built_with_the_published_operations():
-    """transforms.ReferenceMultiCropTransform (the benchmark's oracle) composes torchvision's
+    """ReferenceMultiCropTransform (the benchmark's oracle) composes torchvision's
     operations with the published strengths and probabilities."""
-    reference = tr.ReferenceMultiCropTransform()
+    reference = ReferenceMultiCropTransform()
     assert all(c.ratio == (3 / 4, 4 / 3) and c.interpolation == BICUBIC for c in reference.crop_transforms)
     assert reference.flip.p == 0.5
     for k, ops in enumerate(reference.colour_transforms):
