@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 # the run's clock starts here, before torch is imported: --minutes bounds the whole process
 STARTED = time.time()
 
+import builtin_data
 import datasets
 import utils
 from models.checkpoints import CheckpointError, read_checkpoint
@@ -92,19 +93,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The recipe, chosen on a 2-core CPU with real CIFAR-10 images at 32 pixels and used for the built-in dataset
-# as well. The README's "Results on CIFAR-10 images" has the measurements behind each choice, and what was
-# tried without a gain (wider backbones, other batch sizes, learning rates, scales, alphas and expanders,
-# six crops, smaller crops, bfloat16, more loader workers, torch.compile).
-# - Standard ResNet stem (no --small-input): a 32-pixel crop costs 16 times less than with the small-input
-#   stem, so many more images are seen in the budget. Its last feature map is then 1x1, and the local loss
-#   matches that single position (--num_matches 1 1).
+# The pretraining recipe for 32-pixel images, chosen on real CIFAR-10 images and used for the built-in
+# ones as well. docs/experiments.md ("Results on CIFAR-10 images") has the runs behind each choice and what
+# was tried without a gain.
+# - Standard ResNet stem (no --small-input): its stride-4 stem leaves a 32-pixel crop 16 times fewer
+#   positions than the small-input stem, so many more images fit in the budget. Its last feature map is
+#   then 1x1, and the local loss matches that single position (--num_matches 1 1).
 # - Four 32-pixel crops per image, no small crops (the losses pair each of the first two with every other):
-#   half the steps of two crops in the same time, but more learnt per decoded image and per step.
+#   fewer steps than two crops in the same time, but more learnt per decoded image and per step.
 # - No Gaussian blur (--blur-prob 0 0): the reference's sigma of up to 2 pixels, meant for 224- and
 #   96-pixel crops, wipes out most of a 32-pixel crop.
 # - Global expander 512-512-512, local 256-256-256: at this backbone's size the expanders are most of a
-#   step's cost, and the narrower ones take 1.4 times as many steps in the same time.
+#   step's cost, and narrower ones leave more steps in the budget.
 # - Pretraining runs for the time it is given (--time-budget): --epochs and --warmup-epochs only shape the
 #   schedule (the warmup's share of the run). A small dataset on a fast machine may finish its epochs
 #   earlier, and then the schedule ends with them.
@@ -116,22 +116,20 @@ PRETRAIN = ["--size-crops", "32", "--num-crops", "4", "--min_scale_crops", "0.3"
                  "--blur-prob", "0", "0",
                  "--channels-last", "--log-tensors-interval", "30"]
 # Small training images of one size are decoded into memory once and their views made a batch at a time
-# in the training process (--in-memory --num-workers 0), which then trains on every core: on 20,000
-# CIFAR-10 images, about 1.2 times the steps of one loader worker making them image by image. Other
-# images (of several sizes, or more than IN_MEMORY_BYTES decoded) keep the worker.
+# in the training process (--in-memory --num-workers 0), which then trains on every core: more steps than
+# with a loader worker making the views image by image (docs/speed.md). Other images (of several sizes,
+# or more than IN_MEMORY_BYTES decoded) keep the worker.
 IN_MEMORY = ["--in-memory", "--num-workers", "0"]
 WORKER = ["--num-workers", "1"]
 IN_MEMORY_BYTES = 1 << 30
 EVALUATE = ["--crop-size", "32", "--resize-size", "32", "--batch-size", "256",
                  "--feature-probe", "--epochs", "100", "--lr-head", "0.01", "--weight-decay", "1e-4",
                  "--workers", "1", "--knn", "--knn-k", "20", "--knn-temperature", "0.07"]
-# 20 neighbours, as evaluate.py. 200 (the other usual choice) put the pretrained network 0.2 to 1.4 points
-# further ahead on real CIFAR-10 (0.2 to 0.4 after 10 minutes), but 9 points less far ahead on the
-# built-in textures (k-NN 50.7 against 59.6 on the same backbone).
-# Evaluation subsets per minute of budget: extracting features ran at about 700 images/s on a slow 2-core
-# machine (about 3,000 on a faster one, with the 30,000 images of both evaluations of a 10-minute demo in
-# about 10 s), so 1,500 images a minute (bank and queries, twice) keep both evaluations to at most about
-# a tenth of the budget.
+# k-NN with 20 neighbours, as evaluate.py: 200 helped a little on CIFAR-10 and hurt much on the built-in
+# textures (docs/experiments.md, "Tried without a gain").
+# Evaluation subsets grow with the budget: 1,500 images a minute (bank and queries, once per backbone)
+# keep both evaluations to about a tenth of the budget at the feature-extraction speed of a slow 2-core
+# CPU (docs/experiments.md, "20,000 + 10,000 images").
 BANK_PER_MINUTE, QUERIES_PER_MINUTE, MIN_BANK, MIN_QUERIES = 1000, 500, 1000, 500
 MIN_TRAIN_IMAGES, MIN_VAL_IMAGES, MIN_PRETRAIN_S = 16, 2, 20.0
 # The built-in dataset: 32-pixel scenes with one object (its texture is the class); images are drawn on
@@ -142,8 +140,8 @@ BUILTIN_MINUTES, REAL_MINUTES, QUICK_MINUTES = 7.5, 10.0, 1.5
 # Start-up and export of the pretraining process, outside the time it measures itself.
 PRETRAIN_OVERHEAD_S = 10.0
 # The share of the budget kept in reserve, so that the run ends within --minutes although the second
-# evaluation and the pretraining's last step vary by seconds (measured with 20,000 + 10,000 images in
-# 10 minutes: the second evaluation 1.3 s longer than the first, the pretraining 4.5 s over its budget).
+# evaluation and the pretraining's last step overrun their estimates by seconds (docs/experiments.md,
+# "20,000 + 10,000 images").
 MARGIN = 0.02
 
 
@@ -422,8 +420,8 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     data = [*BUILTIN, "--builtin-images", str(args.images), "--builtin-val-images", str(BUILTIN_VAL_IMAGES),
             "--builtin-seed", str(args.builtin_seed), "--arch", args.arch, "--device", args.device]
     counts = {"train": args.images, "val": BUILTIN_VAL_IMAGES,
-              "classes": datasets.BuiltinDataset("train", args.images).num_classes}
-    loading = loading_flags(datasets.BuiltinDataset("train", args.images, image_size=SIDE))
+              "classes": builtin_data.BuiltinDataset("train", args.images).num_classes}
+    loading = loading_flags(builtin_data.BuiltinDataset("train", args.images, image_size=SIDE))
     results, what = compare(args, minutes, exp, data, counts, loading)
     return exp, results, f"built-in dataset (seed {args.builtin_seed}), {what}"
 
@@ -437,17 +435,14 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
 # Pretraining: two 64-pixel crops per image (the standard stem turns them into 2x2 maps, whose four
 # positions the local loss matches). The heads see the same scenes drawn at 96 pixels (the renderer
 # scales everything with the side): the crops (30-100% of a scene's area, resized to 64 pixels) show
-# the textures magnified 1-1.8 times, so 96 pixels is the scale pretraining saw, and the maps grow by
-# half. Measured on two seeds (backbones pretrained at --base-lr 0.04), against heads at 64 pixels:
-# VICRegL - random 10.5 -> 12.5 and 9.3 -> 10.0. The head reads all four stages (24x24, 12x12, 6x6
-# and 3x3 maps, resized to 24x24 and concatenated).
-# AdamW at --base-lr 0.01 (a peak of 2.5e-3 for batch 64): a quarter of the former 0.04 gave better
-# dense features on every seed measured (VICRegL 19.1 -> 22.5 at 0.02 -> 26.0 at 0.01 with seed 1,
-# 22.4 -> 27.5 with seed 0, 22.6 -> 22.9 with seed 2; VICReg 13.1 -> 28.8 with seed 0, 15.8 -> 22.4 with
-# seed 1, 18.1 -> 24.7 with seed 2; see the README). Crops of 15-100% instead of 30-100% put VICRegL
-# ahead of VICReg on seeds 0 and 1 (18.5 against 16.0, 29.0 against 20.6) but cost both nine to
-# thirteen points with seed 0, and with 3,000 pretraining steps VICRegL was behind again (32.5
-# against 37.1, seed 0): kept 30-100%.
+# the textures magnified 1-1.8 times, so 96 pixels is the scale pretraining saw (VICRegL's lead over the
+# random network was larger than with heads at 64 pixels), and the maps grow by half. The head reads all
+# four stages (24x24, 12x12, 6x6 and 3x3 maps, resized to 24x24 and concatenated).
+# AdamW at --base-lr 0.01 (a peak of 2.5e-3 for batch 64): better dense features than 0.04 or 0.02 in
+# the runs in docs/experiments.md.
+# Crops of 30-100% of a scene (--min_scale_crops 0.3): 15-100% put VICRegL ahead of VICReg at this
+# budget but cost both methods much on one seed, and the lead was gone at 3,000 steps
+# (docs/experiments.md, "What else was tried").
 SEG_SIDE, SEG_HEAD_SIDE = 64, 96
 SEG_DATA = ["--dataset", "builtin", "--builtin-max-objects", "4"]
 SEG_PRETRAIN = ["--size-crops", str(SEG_SIDE), "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops",
@@ -505,7 +500,7 @@ def segmentation_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     steps = ", ".join(f"{name} {pretrain_steps(exp / name)}" for name in SEG_ALPHAS)
     what = (f"built-in dataset (seed {args.builtin_seed}), scenes of {SEG_SIDE} pixels for pretraining and "
             f"{SEG_HEAD_SIDE} for the heads, "
-            f"{datasets.BuiltinDataset('train', args.images).num_classes} object classes + background; "
+            f"{builtin_data.BuiltinDataset('train', args.images).num_classes} object classes + background; "
             f"pretraining steps: {steps}; linear head: {iters} iterations of 16, {val_images} evaluation images")
     return exp, results, what
 

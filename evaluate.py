@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+import builtin_data
 import datasets
 import models
 import training
@@ -77,13 +78,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "bank (0: all): bounds the evaluation's time on large datasets")
     g.add_argument("--val-images", type=int, default=0,
                    help="validate on this many validation images, drawn at random (--seed) (0: all)")
-    g.add_argument("--builtin-images", type=int, default=4096, help="training images of --dataset builtin")
-    g.add_argument("--builtin-val-images", type=int, default=1024, help="validation images of --dataset builtin")
-    g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
-    g.add_argument("--builtin-classes", type=int, default=10, help="number of classes of --dataset builtin")
-    g.add_argument("--builtin-max-objects", type=int, default=4, help="objects per image of --dataset builtin")
-    g.add_argument("--builtin-seed", type=int, default=0,
-                   help="which images --dataset builtin draws (as main_vicregl.py's --builtin-seed)")
+    builtin_data.add_builtin_arguments(g)
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
     utils.add_threads_argument(g)
     datasets.add_max_image_pixels_argument(g)

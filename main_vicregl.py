@@ -15,15 +15,18 @@ import signal
 import socket
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import builtin_data
 import datasets
 import models
+import shared_images
 import training
 import transforms
 import utils
@@ -70,15 +73,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "--dataset_from_numpy), where the reference hard-coded its cluster paths")
     g.add_argument("--dataset_from_numpy", action="store_true",
                    help="read train_images.npy (paths) and train_labels.npy under --data-dir")
-    g.add_argument("--builtin-images", type=int, default=4096,
-                   help="number of training images of --dataset builtin")
-    g.add_argument("--builtin-val-images", type=int, default=2000,
-                   help="number of validation images of --dataset builtin (for --evaluate and --knn)")
-    g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
-    g.add_argument("--builtin-max-objects", type=int, default=4, help="objects per image of --dataset builtin")
-    g.add_argument("--builtin-seed", type=int, default=0,
-                   help="which images --dataset builtin draws (independent of --seed, so that the data "
-                        "stay the same when only the training seed changes)")
+    builtin_data.add_builtin_arguments(g)
     g.add_argument("--size-crops", type=int, nargs="+", default=[224, 96],
                    help="side of the crops of each group (large crops first)")
     g.add_argument("--num-crops", type=int, nargs="+", default=[2, 6], help="number of crops of each group")
@@ -272,7 +267,7 @@ def build_data(args, info: utils.DistInfo, split: str):
                                          from_numpy=args.dataset_from_numpy,
                                          num_images=(args.builtin_images if split == "train"
                                                      else args.builtin_val_images),
-                                         image_size=args.builtin_size,
+                                         image_size=args.builtin_size, num_classes=args.builtin_classes,
                                          max_objects=args.builtin_max_objects, seed=args.builtin_seed,
                                          download=args.download, with_unlabeled=True)
     except (ValueError, FileNotFoundError) as e:
@@ -289,14 +284,14 @@ def build_data(args, info: utils.DistInfo, split: str):
     return dataset, _loader(args, info, dataset, split)
 
 
-def in_memory(dataset, tf, info: utils.DistInfo) -> datasets.InMemoryImages:
+def in_memory(dataset, tf, info: utils.DistInfo) -> shared_images.InMemoryImages:
     """--in-memory: ``dataset`` decoded into memory. With several processes, the first process of each
     machine (local rank 0) decodes into a file in shared memory that the others of the machine map,
     so that the images are decoded and held once per machine, not once per process; the file is
     removed as soon as every process has mapped it. A UserError in every process when it fails."""
     if info.world_size == 1:
         try:
-            return datasets.InMemoryImages(dataset, tf)
+            return shared_images.InMemoryImages(dataset, tf)
         except ValueError as e:
             raise UserError(f"--in-memory: {e}") from None
     # a name of this run and machine: process 0's random number and the host (the temporary folder
@@ -306,7 +301,7 @@ def in_memory(dataset, tf, info: utils.DistInfo) -> datasets.InMemoryImages:
     images, error, shape = None, None, [0, 0, 0]  # failed, height, width
     if info.local_rank == 0:
         try:
-            images = datasets.InMemoryImages(dataset, tf, share_as=name)
+            images = shared_images.InMemoryImages(dataset, tf, share_as=name)
             shape = [0, *images.images.shape[2:]]
         except (ValueError, OSError) as e:
             error, shape = e, [1, 0, 0]
@@ -317,8 +312,8 @@ def in_memory(dataset, tf, info: utils.DistInfo) -> datasets.InMemoryImages:
     try:
         if images is None:  # the machine's first process chose the folder
             try:
-                path = datasets.find_shared(name)
-                images = datasets.InMemoryImages.mapped(dataset, tf, path, len(dataset), height, width)
+                path = shared_images.find_shared(name)
+                images = shared_images.InMemoryImages.mapped(dataset, tf, path, len(dataset), height, width)
             except OSError as e:
                 error = e
         failed = utils.any_process(error is not None)  # every process has mapped the file
@@ -353,8 +348,9 @@ def build_knn_data(args, info: utils.DistInfo):
                                              from_numpy=args.dataset_from_numpy,
                                              num_images=(args.builtin_images if split == "train"
                                                      else args.builtin_val_images),
-                                             image_size=args.builtin_size, max_objects=args.builtin_max_objects,
-                                             seed=args.builtin_seed, download=args.download)
+                                             image_size=args.builtin_size, num_classes=args.builtin_classes,
+                                             max_objects=args.builtin_max_objects, seed=args.builtin_seed,
+                                             download=args.download)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
         if not getattr(dataset, "num_classes", 0):
@@ -497,11 +493,88 @@ def to_device(batch, device, channels_last: bool = False):
     return views, locations, labels.to(device, non_blocking=nb)
 
 
+class Schedule:
+    """The learning rate of every step and the number of steps of the run.
+
+    Without --time-budget: warmup and cosine over ``total_steps`` (--epochs' steps, compressed into
+    --max-steps when that is smaller). With it, the position in the schedule of --epochs is the share of
+    the budget used or of the steps done, whichever is further along, so that the cosine ends with the
+    run whether the clock or --epochs ends it; --max-steps then only caps ``total_steps``, which drops to
+    the current step once the budget is spent. ``args.budget_used_s`` holds the seconds used (those of the
+    run that ``ckpt`` comes from included), kept up to date for model.pth.
+    """
+
+    def __init__(self, args, num_images: int, start: float, ckpt: Optional[dict],
+                 agree_clock: Callable[[float, bool], Tuple[float, bool]]):
+        """``num_images``: the training set's size; ``start``: time.time() at the start of the run;
+        ``agree_clock``: StopSignal.agree_clock (process 0's clock for every process)."""
+        self.args, self.agree_clock = args, agree_clock
+        self.epoch_steps = args.epochs * num_images // args.batch_size
+        self.warmup_epoch_steps = args.warmup_epochs * num_images // args.batch_size
+        self.total_steps, self.warmup_steps = training.schedule_steps(self.epoch_steps, self.warmup_epoch_steps,
+                                                                      args.max_steps)
+        args.budget_used_s = ((ckpt or {}).get("args") or {}).get("budget_used_s") or 0.0
+        self.clock = training.TimeBudget(args.time_budget * 60, start, args.budget_used_s) if args.time_budget else None
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of global step ``step``. Call it once at the start of every step, before comparing
+        ``step`` with ``total_steps``: with --time-budget it reads the clock (a collective), and ends the
+        run at ``step`` when one more step would overrun the budget."""
+        a = self.args
+        if self.clock is None:
+            return utils.learning_schedule(step, a.batch_size, a.base_lr, a.end_lr_ratio, self.total_steps,
+                                           self.warmup_steps)
+        now = time.time()
+        self.clock.tick(now)
+        # process 0's clock, so that every process sets the same rate
+        a.budget_used_s, spent = self.agree_clock(self.clock.used(now), self.clock.done(now))
+        if spent:
+            self.total_steps = step  # the budget is spent: end here
+        where = max(min(a.budget_used_s / self.clock.seconds, 1.0) * self.epoch_steps, step)
+        return utils.learning_schedule(where, a.batch_size, a.base_lr, a.end_lr_ratio, self.epoch_steps,
+                                       self.warmup_epoch_steps)
+
+
+@dataclass
+class Run:
+    """The parts of one run that its steps, log lines and epoch ends use; fixed once built."""
+    args: argparse.Namespace
+    info: utils.DistInfo
+    model: VICRegL  # whose weights are saved
+    ddp: nn.Module  # what trains: ``model``, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]  # float16 on CUDA only
+    autocast: Callable  # () -> the mixed-precision context (nullcontext without --fp16)
+    train_loader: torch.utils.data.DataLoader
+    val_loader: Optional[torch.utils.data.DataLoader]  # --evaluate, --evaluate-only
+    knn_loaders: Optional[List[torch.utils.data.DataLoader]]  # --knn: (bank, queries)
+    logger: utils.JsonLogger
+    ckpt_path: Path  # exp_dir/model.pth
+    start: float  # time.time() at the start of the run: the ``t`` of stats.txt
+    num_classes: int  # 0: no labels, so no online probe
+
+    @property
+    def main_proc(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one step to the next."""
+    last_log: float  # time.time() of the last stats.txt line
+    progress: training.Progress  # images per second and time left
+    pending: Optional[tuple] = None  # GPUs: (step, loss, logs) of the previous step, checked one step late
+    skipped_before: int = 0  # this process's unreadable files counted up to the last epoch line
+
+
 def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     """Pretrain as ``args`` says. Returns None when done, or the signal number that stopped the
     run after a checkpoint of the current step (the next run resumes from it)."""
     info = utils.init_distributed(args.device, args.dist_url, args.local_rank)
-    main_proc = info.rank == 0
     check_args(args, info.world_size)
     utils.set_cpu_threads(info.device, args.num_workers, args.threads)
     if args.tensorboard:
@@ -513,11 +586,10 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     val_loader = build_data(args, info, "val")[1] if (args.evaluate or args.evaluate_only) else None
     knn_loaders = build_knn_data(args, info) if args.knn else None
     num_classes = getattr(train_set, "num_classes", 0)
-
     ckpt_path = args.exp_dir / "model.pth"
     ckpt = load_resume_state(ckpt_path, args)  # a bad file fails here, before the model is built
 
-    # model
+    # model and optimiser
     torch.manual_seed(args.seed)
     model = build_model(args, num_classes, info.device)
     if info.world_size > 1 and info.device.type == "cuda":
@@ -528,129 +600,188 @@ def train(args, stop_signals=(signal.SIGTERM, signal.SIGUSR1)) -> Optional[int]:
     autocast, scaler = precision(args, info.device)
 
     # resume
-    start_epoch, start_step = 0, 0
-    if ckpt is not None:
-        restore(ckpt, model, optimizer, scaler, ckpt_path)
-        start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
-    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda"
-                                               else None) if info.world_size > 1 else model)
-    if args.compile:  # after loading weights: the compiled module shares the parameters
-        model.backbone.forward = torch.compile(model.backbone.forward, dynamic=False)  # one graph per crop size
-    if main_proc:
-        args.exp_dir.mkdir(parents=True, exist_ok=True)
+    start_epoch, start_step = resume(ckpt, model, optimizer, scaler, ckpt_path)
+    ddp = wrap_model(args, model, info)
     first_step = start_epoch * len(train_loader) + start_step  # TensorBoard's global step is `st`
-    logger = utils.JsonLogger(args.exp_dir, main_proc, args.tensorboard,
-                              purge_step=None if args.evaluate_only else first_step)
-    if main_proc and ckpt is not None:
+    logger = open_logger(args, info, first_step)
+    if info.rank == 0 and ckpt is not None:
         print(f"resuming from {ckpt_path}: epoch {start_epoch}, step {start_step} of that epoch", flush=True)
-
+    run = Run(args, info, model, ddp, optimizer, scaler, autocast, train_loader, val_loader, knn_loaders, logger,
+              ckpt_path, start, num_classes)
     if args.evaluate_only:
-        if ckpt is None:
-            raise UserError(f"--evaluate-only needs a trained model: {ckpt_path} does not exist")
-        if val_loader is not None:
-            logger.log({training.EPOCH: start_epoch, **validate(model, val_loader, info.device, autocast)},
-                       training.VAL_PREFIX, step=max(first_step - 1, 0))
-        if knn_loaders is not None:
-            logger.log({training.EPOCH: start_epoch, **knn(args, model, knn_loaders, info.device)},
-                       training.VAL_PREFIX, step=max(first_step - 1, 0))
-        return None
+        return evaluate_saved(run, ckpt, start_epoch, first_step)
 
-    steps_per_epoch = len(train_loader)
-    epoch_steps = args.epochs * len(train_set) // args.batch_size
-    warmup_epoch_steps = args.warmup_epochs * len(train_set) // args.batch_size
-    total_steps, warmup_steps = training.schedule_steps(epoch_steps, warmup_epoch_steps, args.max_steps)
-    # --time-budget: the schedule follows the clock, counting the time of the run this one resumes
-    args.budget_used_s = ((ckpt or {}).get("args") or {}).get("budget_used_s") or 0.0
-    clock = training.TimeBudget(args.time_budget * 60, start, args.budget_used_s) if args.time_budget else None
+    # loop
     stop = StopSignal(stop_signals)
-    last_log, pending = time.time(), None
-    progress = training.Progress(logger, total_steps, args.batch_size,
-                                 first_step=start_epoch * steps_per_epoch + start_step)
-    skipped_before = 0
+    schedule = Schedule(args, len(train_set), start, ckpt, stop.agree_clock)
+    state = LoopState(last_log=time.time(),
+                      progress=training.Progress(logger, schedule.total_steps, args.batch_size, first_step))
+    steps_per_epoch = len(train_loader)
     for epoch in range(start_epoch, args.epochs):
-        if epoch * steps_per_epoch >= total_steps:
+        if epoch * steps_per_epoch >= schedule.total_steps:
             break
         ddp.train()
         skip = start_step if epoch == start_epoch else 0
-        loader_iter = datasets.epoch_iterator(train_loader, epoch, skip)
         position = skip  # steps done in this epoch
-        for i, batch in enumerate(loader_iter, start=skip):
+        for i, batch in enumerate(datasets.epoch_iterator(train_loader, epoch, skip), start=skip):
             step = epoch * steps_per_epoch + i
-            if clock is None:
-                lr = utils.learning_schedule(step, args.batch_size, args.base_lr, args.end_lr_ratio, total_steps,
-                                             warmup_steps)
-            else:  # the position in the schedule of --epochs: the share of the budget used or of the
-                # steps done, whichever is further along, so that the cosine ends with the run whether the
-                # clock or --epochs ends it
-                now = time.time()
-                clock.tick(now)
-                # process 0's clock, so that every process sets the same rate
-                args.budget_used_s, spent = stop.agree_clock(clock.used(now), clock.done(now))
-                if spent:
-                    total_steps = step  # the budget is spent: end here
-                where = max(min(args.budget_used_s / clock.seconds, 1.0) * epoch_steps, step)
-                lr = utils.learning_schedule(where, args.batch_size, args.base_lr, args.end_lr_ratio, epoch_steps,
-                                             warmup_epoch_steps)
-            if step >= total_steps:
+            lr = schedule.learning_rate(step)
+            if step >= schedule.total_steps:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            views, locations, labels = to_device(batch, info.device, args.channels_last)
-            last_step = i == steps_per_epoch - 1 or step + 1 == total_steps
-            log_now = last_step or stop.agree(time.time() - last_log >= args.log_tensors_interval)
-            torch.manual_seed(training.step_seed(args.seed, info.rank, step))
-            with autocast():
-                loss, logs = ddp(views, locations, labels if num_classes else None, metrics=log_now)
-            if info.device.type == "cpu":
-                check_loss(step, loss.detach(), logs)  # free on CPU: before the update
-            else:  # on GPUs, the previous step's loss: no host synchronisation in this step
-                pending = check_pending(pending, (step, loss.detach(), logs))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            last_step = i == steps_per_epoch - 1 or step + 1 == schedule.total_steps  # of the epoch or the run
+            log_now = last_step or stop.agree(time.time() - state.last_log >= args.log_tensors_interval)
+            loss, logs = train_step(run, state, batch, step, lr, metrics=log_now)
             if log_now:
-                logs = {k: utils.all_reduce_mean(v) for k, v in logs.items()}
-                stats = format_stats(epoch, step, lr, time.time() - start, logs)
-                if last_step:
-                    stats.update(training.skipped_in_epoch(train_loader, skipped_before))
-                    skipped_before = datasets.skipped_images(train_loader)
-                logger.log(stats, step=step, extra=progress.scalars(step + 1))
-                last_log = time.time()
-            progress.show(step + 1, f"ep {epoch} step {i + 1}/{steps_per_epoch}", lambda: float(loss))
+                log_step(run, state, epoch, step, lr, logs, last_step)
+            state.progress.show(step + 1, f"ep {epoch} step {i + 1}/{steps_per_epoch}", lambda: float(loss))
             position = i + 1
             if stop.requested(step, info.device):
-                check_pending(pending, None)
-                save_checkpoint(ckpt_path, model, optimizer, scaler, args, epoch, i + 1, main_proc, steps_per_epoch)
-                if main_proc:
-                    print(f"\nsignal {stop.signum}: checkpoint saved at epoch {epoch}, step {i + 1}; exiting",
-                          flush=True)
-                return stop.signum or signal.SIGTERM
-        next_epoch = epoch + 1
-        pending = check_pending(pending, None)  # never save weights that a bad step touched
-        final = next_epoch == args.epochs or epoch * steps_per_epoch + position >= total_steps
-        if next_epoch % args.checkpoint_freq == 0 or final:
-            # a run that ends within an epoch (--max-steps, --time-budget) saves where it is
-            at = (next_epoch, 0) if position == steps_per_epoch else (epoch, position)
-            save_checkpoint(ckpt_path, model, optimizer, scaler, args, *at, main_proc, steps_per_epoch)
-        if val_loader is not None and args.evaluate and next_epoch % args.eval_freq == 0:
-            logger.log({training.EPOCH: epoch, **validate(model, val_loader, info.device, autocast)},
-                       training.VAL_PREFIX, step=next_epoch * steps_per_epoch - 1)  # the epoch's last step
-        if knn_loaders is not None and (next_epoch % args.eval_freq == 0 or final):
-            logger.log({training.EPOCH: epoch, **knn(args, model, knn_loaders, info.device)}, training.VAL_PREFIX,
-                       step=next_epoch * steps_per_epoch - 1)
-        if final:
+                return stop_at_signal(run, state, stop.signum, epoch, position)
+        if end_of_epoch(run, state, epoch, position, schedule.total_steps):
             break
-    training.save_state(args.exp_dir / "backbone.pth", model.backbone.state_dict, main_proc)
-    if main_proc:
-        if logger.tty:
-            print()
-        print(f"done: {args.exp_dir / 'backbone.pth'} ({utils.hms(time.time() - start)})", flush=True)
+    export_backbone(run)
     return None
+
+
+def resume(ckpt: Optional[dict], model: nn.Module, optimizer, scaler, path: Path) -> Tuple[int, int]:
+    """Load ``ckpt`` (model.pth as load_resume_state read it, or None) into the model, optimiser and
+    scaler. Returns where it stopped: (epoch, steps done in that epoch); (0, 0) for a fresh run."""
+    if ckpt is None:
+        return 0, 0
+    restore(ckpt, model, optimizer, scaler, path)
+    return ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+
+
+def wrap_model(args, model: VICRegL, info: utils.DistInfo) -> nn.Module:
+    """The module that trains: ``model`` itself in one process, in DistributedDataParallel with several;
+    with --compile, the backbone's forward is compiled in place (after loading the weights: the
+    compiled module shares the parameters)."""
+    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda"
+                                               else None) if info.world_size > 1 else model)
+    if args.compile:
+        model.backbone.forward = torch.compile(model.backbone.forward, dynamic=False)  # one graph per crop size
+    return ddp
+
+
+def open_logger(args, info: utils.DistInfo, first_step: int) -> utils.JsonLogger:
+    """Rank 0 creates --exp-dir. The logger of stats.txt (and TensorBoard), which drops the events that
+    an interrupted run wrote at or past ``first_step``, this run's first global step."""
+    if info.rank == 0:
+        args.exp_dir.mkdir(parents=True, exist_ok=True)
+    return utils.JsonLogger(args.exp_dir, info.rank == 0, args.tensorboard,
+                            purge_step=None if args.evaluate_only else first_step)
+
+
+def evaluate_saved(run: Run, ckpt: Optional[dict], epoch: int, first_step: int) -> None:
+    """--evaluate-only: validate the restored model.pth (``ckpt``, saved in ``epoch``), logged at the
+    global step before ``first_step``, the step it stopped at. A UserError when there is none."""
+    if ckpt is None:
+        raise UserError(f"--evaluate-only needs a trained model: {run.ckpt_path} does not exist")
+    at = max(first_step - 1, 0)
+    if run.val_loader is not None:
+        run.logger.log({training.EPOCH: epoch, **validate(run.model, run.val_loader, run.info.device, run.autocast)},
+                       training.VAL_PREFIX, step=at)
+    if run.knn_loaders is not None:
+        run.logger.log({training.EPOCH: epoch, **knn(run.args, run.model, run.knn_loaders, run.info.device)},
+                       training.VAL_PREFIX, step=at)
+    return None
+
+
+def train_step(run: Run, state: LoopState, batch, step: int, lr: float,
+               metrics: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One optimisation step at learning rate ``lr`` on ``batch`` (((views, grids), labels) from the
+    loader): the model's randomness seeded for global step ``step`` (a resumed run replays it), forward
+    under autocast (the logged terms only with ``metrics``), the loss checked, backward and update.
+    Returns this process's (loss, logs)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    views, locations, labels = to_device(batch, run.info.device, run.args.channels_last)
+    torch.manual_seed(training.step_seed(run.args.seed, run.info.rank, step))
+    with run.autocast():
+        loss, logs = run.ddp(views, locations, labels if run.num_classes else None, metrics=metrics)
+    if run.info.device.type == "cpu":
+        check_loss(step, loss.detach(), logs)  # free on CPU: before the update
+    else:  # on GPUs, the previous step's loss: no host synchronisation in this step
+        state.pending = check_pending(state.pending, (step, loss.detach(), logs))
+    backward_and_update(run.optimizer, run.scaler, loss)
+    return loss, logs
+
+
+def backward_and_update(optimizer: torch.optim.Optimizer, scaler, loss: torch.Tensor) -> None:
+    """Gradients of ``loss`` (scaled by ``scaler``, the float16 gradient scaler, when there is one) and
+    one optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def log_step(run: Run, state: LoopState, epoch: int, step: int, lr: float, logs: Dict[str, torch.Tensor],
+             last_step: bool) -> None:
+    """The stats.txt line (and TensorBoard points, at global step ``step``) of ``logs`` averaged over
+    the processes; at the ``last_step`` of an epoch or of the run, also the unreadable files skipped
+    since the previous such line. Collectives: every process calls it at the same steps."""
+    logs = {k: utils.all_reduce_mean(v) for k, v in logs.items()}
+    stats = format_stats(epoch, step, lr, time.time() - run.start, logs)
+    if last_step:
+        stats.update(training.skipped_in_epoch(run.train_loader, state.skipped_before))
+        state.skipped_before = datasets.skipped_images(run.train_loader)
+    run.logger.log(stats, step=step, extra=state.progress.scalars(step + 1))
+    state.last_log = time.time()
+
+
+def stop_at_signal(run: Run, state: LoopState, signum: Optional[int], epoch: int, position: int) -> int:
+    """A stop signal arrived: check the last loss, save model.pth after the ``position``-th step of
+    ``epoch`` (the next run resumes with the step after it) and return ``signum`` (SIGTERM if unknown)."""
+    check_pending(state.pending, None)
+    save_checkpoint(run.ckpt_path, run.model, run.optimizer, run.scaler, run.args, epoch, position, run.main_proc,
+                    run.steps_per_epoch)
+    if run.main_proc:
+        print(f"\nsignal {signum}: checkpoint saved at epoch {epoch}, step {position}; exiting", flush=True)
+    return signum or signal.SIGTERM
+
+
+def end_of_epoch(run: Run, state: LoopState, epoch: int, position: int, total_steps: int) -> bool:
+    """After ``position`` steps of ``epoch``: check the last loss, save model.pth every --checkpoint-freq
+    epochs and at the end of the run, then the validations due. Returns whether the run ends here
+    (``total_steps`` reached or the last epoch done)."""
+    args, next_epoch = run.args, epoch + 1
+    state.pending = check_pending(state.pending, None)  # never save weights that a bad step touched
+    final = next_epoch == args.epochs or epoch * run.steps_per_epoch + position >= total_steps
+    if next_epoch % args.checkpoint_freq == 0 or final:
+        # a run that ends within an epoch (--max-steps, --time-budget) saves where it is
+        at = (next_epoch, 0) if position == run.steps_per_epoch else (epoch, position)
+        save_checkpoint(run.ckpt_path, run.model, run.optimizer, run.scaler, args, *at, run.main_proc,
+                        run.steps_per_epoch)
+    evaluate_epoch(run, epoch, final)
+    return final
+
+
+def evaluate_epoch(run: Run, epoch: int, final: bool) -> None:
+    """The validations due after ``epoch``, logged at its last global step: the online probe every
+    --eval-freq epochs (--evaluate), k-NN every --eval-freq epochs and at the end (--knn)."""
+    args, next_epoch = run.args, epoch + 1
+    at = next_epoch * run.steps_per_epoch - 1
+    if run.val_loader is not None and args.evaluate and next_epoch % args.eval_freq == 0:
+        run.logger.log({training.EPOCH: epoch, **validate(run.model, run.val_loader, run.info.device, run.autocast)},
+                       training.VAL_PREFIX, step=at)
+    if run.knn_loaders is not None and (next_epoch % args.eval_freq == 0 or final):
+        run.logger.log({training.EPOCH: epoch, **knn(args, run.model, run.knn_loaders, run.info.device)},
+                       training.VAL_PREFIX, step=at)
+
+
+def export_backbone(run: Run) -> None:
+    """backbone.pth: the backbone's weights with plain keys (what hubconf.py and evaluate.py load with
+    strict=True); rank 0 says where, and how long the run took."""
+    training.save_state(run.args.exp_dir / "backbone.pth", run.model.backbone.state_dict, run.main_proc)
+    if run.main_proc:
+        if run.logger.tty:
+            print()
+        print(f"done: {run.args.exp_dir / 'backbone.pth'} ({utils.hms(time.time() - run.start)})", flush=True)
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, args, epoch: int, step_in_epoch: int,

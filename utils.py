@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -546,6 +547,13 @@ def free_bytes(folder: str) -> Optional[int]:
     except (OSError, AttributeError):  # a vanished folder; no statvfs on Windows
         return None
     return stat.f_bavail * stat.f_frsize
+
+
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` that is not a regular file names, for messages: 'a FIFO', 'a folder', ..."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def format_bytes(n: int) -> str:

@@ -13,7 +13,7 @@ best round of each is reported (the least disturbed one), with the median in bra
   collate_views on --batch images), as pretraining loads its data;
 - ours from memory (main_vicregl.py --in-memory): the image decoded once, then every view of a
   whole batch made at once (cropped by two matrix products, colours as above).
-The picture is a photograph-like JPEG of --size made by ``datasets.synthetic_photo`` unless
+The picture is a photograph-like JPEG of --size made by ``builtin_data.synthetic_photo`` unless
 ``--photo`` names a real one.
 """
 import argparse
@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import builtin_data  # noqa: E402
 import datasets  # noqa: E402
+import shared_images  # noqa: E402
 import transforms  # noqa: E402
 from bench.reference_transforms import ReferenceMultiCropTransform  # noqa: E402
 
@@ -103,7 +105,7 @@ def main():
         data = args.photo.read_bytes()
     else:
         buf = io.BytesIO()
-        datasets.synthetic_photo(*(int(v) for v in args.size.split("x"))).save(buf, "JPEG", quality=args.quality)
+        builtin_data.synthetic_photo(*(int(v) for v in args.size.split("x"))).save(buf, "JPEG", quality=args.quality)
         data = buf.getvalue()
     width, height = Image.open(io.BytesIO(data)).size
     print(f"image {width}x{height} JPEG, {len(data) / 1024:.0f} KiB; views {args.crops}; "
@@ -114,7 +116,7 @@ def main():
                  "ours, image by image": (transforms.MultiCropTrainDataTransform(**kw), 0),
                  batched: (transforms.MultiCropTrainDataTransform(**kw, batch_colours=True), args.batch)}
     decoded = Image.open(io.BytesIO(data)).convert("RGB")
-    memory = datasets.InMemoryImages(_Copies(decoded, args.batch),
+    memory = shared_images.InMemoryImages(_Copies(decoded, args.batch),
                                      transforms.MultiCropTrainDataTransform(**kw, batch_colours=True))
     in_memory = f"ours, whole batches of {args.batch} from memory"
     rates = {name: [] for name in [*pipelines, in_memory]}

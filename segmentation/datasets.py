@@ -24,8 +24,8 @@ Layouts (``--data-dir`` may point at the folder named first or at a folder above
   ``gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png`` (19 classes, 255 ignored). When a
   city has only ``*_gtFine_labelIds.png`` files, the ids are mapped to train ids with the official
   table (``CITYSCAPES_ID_TO_TRAIN_ID``).
-- ``builtin``: ``datasets.BuiltinSegmentation`` (procedural images, no download): background 0 and
-  one class per object type.
+- ``builtin``: ``BuiltinMasks``, the masks of the repository's ``builtin_data.BuiltinDataset``
+  (procedural images, no download): background 0 and one class per object type.
 """
 import sys
 from pathlib import Path
@@ -121,7 +121,7 @@ class SegmentationFiles(Dataset):
     def read(self, index: int) -> Tuple[Image.Image, np.ndarray]:
         """(RGB image, (H, W) uint8 mask) of sample ``index``: regular files only, within the pixel limit
         (--max-image-pixels); an OSError otherwise (a FIFO would block, a huge image fill the memory)."""
-        from datasets import open_image, open_regular_file  # the repository's datasets.py, as BuiltinMasks
+        from datasets import open_image, open_regular_file  # the repository's, imported late as in BuiltinMasks
         image_path, label_path = self.samples[index]
         with open_regular_file(image_path) as f, open_image(f) as im:
             image = im.convert("RGB")
@@ -305,20 +305,21 @@ class CityscapesSegmentation(SegmentationFiles):
 class BuiltinMasks(Dataset):
     """The built-in procedural dataset with its per-pixel masks (0 background, c + 1 object class c).
 
-    A thin wrapper over ``datasets.BuiltinDataset.sample`` (rendered on demand, deterministic for a
+    A thin wrapper over ``builtin_data.BuiltinDataset.sample`` (rendered on demand, deterministic for a
     seed; the same scenes as pretraining on ``--dataset builtin`` with that seed) that hands
     ``transform`` the PIL image and the uint8 mask, like the file datasets. (Not
-    ``datasets.BuiltinSegmentation``: it renders scenes with num_classes + 1 object classes, so its
+    ``builtin_data.BuiltinSegmentation``: it renders scenes with num_classes + 1 object classes, so its
     masks reach num_classes + 1.)
     """
 
     def __init__(self, split: str = "train", num_images: int = 2048, image_size: int = 64,
                  num_object_classes: int = 10, seed: int = 0, transform: Optional[Callable] = None,
                  max_objects: int = 4):
-        import datasets as top  # the repository's datasets.py (the caller puts the root on sys.path)
-        self.source = top.BuiltinDataset(split, num_images, image_size, num_object_classes, seed, None, max_objects)
+        import builtin_data  # the repository's builtin_data.py (the caller puts the root on sys.path)
+        self.source = builtin_data.BuiltinDataset(split, num_images, image_size, num_object_classes, seed, None,
+                                                  max_objects)
         self.num_classes = num_object_classes + 1  # with the background
-        self.class_names = ("background",) + tuple(top.TEXTURES[:num_object_classes])  # class c is a texture
+        self.class_names = ("background",) + tuple(builtin_data.TEXTURES[:num_object_classes])  # class c is a texture
         self.transform = transform
 
     def __len__(self) -> int:

@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
+import builtin_data  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
@@ -119,15 +120,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(1: never)")
     g.add_argument("--photometric", type=int, default=1,
                    help="1: random brightness, contrast, saturation and hue on training crops")
-    g.add_argument("--builtin-images", type=int, default=2048, help="training images of --dataset builtin")
-    g.add_argument("--builtin-val-images", type=int, default=256, help="evaluation images of --dataset builtin")
-    g.add_argument("--builtin-size", type=int, default=64, help="image side of --dataset builtin")
-    g.add_argument("--builtin-classes", type=int, default=10,
-                   help="object classes of --dataset builtin (plus background); must match pretraining's")
-    g.add_argument("--builtin-max-objects", type=int, default=4, help="objects per image of --dataset builtin")
-    g.add_argument("--builtin-seed", type=int, default=0,
-                   help="which images --dataset builtin draws (main_vicregl.py's --builtin-seed: the same value "
-                        "gives the training images it pretrained on)")
+    builtin_data.add_builtin_arguments(g)
     datasets.add_max_image_pixels_argument(g)
 
     g = p.add_argument_group("model")

@@ -1,11 +1,12 @@
-"""Tests of datasets.py: the built-in dataset, folder/numpy/unlabelled datasets on tiny trees,
-unreadable files, missing or empty folders, and the loader's batch split."""
+"""Tests of datasets.py and builtin_data.py: the built-in dataset, folder/numpy/unlabelled datasets on
+tiny trees, unreadable files, missing or empty folders, and the loader's batch split."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import builtin_data
 import datasets
 import transforms as tr
 
@@ -36,9 +37,9 @@ def image_tree(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 def test_builtin_is_deterministic_and_seed_dependent():
-    a = datasets.BuiltinDataset("train", num_images=20, seed=0)
-    b = datasets.BuiltinDataset("train", num_images=20, seed=0)
-    c = datasets.BuiltinDataset("train", num_images=20, seed=1)
+    a = builtin_data.BuiltinDataset("train", num_images=20, seed=0)
+    b = builtin_data.BuiltinDataset("train", num_images=20, seed=0)
+    c = builtin_data.BuiltinDataset("train", num_images=20, seed=1)
     for i in (0, 7, 19):
         (ia, ma, la), (ib, mb, lb) = a.sample(i), b.sample(i)
         assert np.array_equal(np.array(ia), np.array(ib)) and np.array_equal(ma, mb) and la == lb
@@ -47,14 +48,14 @@ def test_builtin_is_deterministic_and_seed_dependent():
 
 
 def test_builtin_train_and_val_are_disjoint():
-    train = datasets.BuiltinDataset("train", num_images=200)
-    val = datasets.BuiltinDataset("val", num_images=200)
+    train = builtin_data.BuiltinDataset("train", num_images=200)
+    val = builtin_data.BuiltinDataset("val", num_images=200)
     train_images = {np.array(train.sample(i)[0]).tobytes() for i in range(200)}
     assert not any(np.array(val.sample(i)[0]).tobytes() in train_images for i in range(200))
 
 
 def test_builtin_sample_format_and_label_balance():
-    data = datasets.BuiltinDataset("train", num_images=400, image_size=48, num_classes=10)
+    data = builtin_data.BuiltinDataset("train", num_images=400, image_size=48, num_classes=10)
     assert len(data) == 400 and data.num_classes == 10
     labels = []
     for i in range(400):
@@ -74,7 +75,7 @@ def test_builtin_colour_carries_no_class():
     """Colour is a nuisance (the shortcut that kept pretraining from learning): the mean colour of the
     object pixels does not tell the classes apart better than chance (a nearest-class-mean classifier
     fitted on one half and scored on the other)."""
-    data = datasets.BuiltinDataset("train", num_images=600, image_size=32, max_objects=1)
+    data = builtin_data.BuiltinDataset("train", num_images=600, image_size=32, max_objects=1)
     colour, labels = [], []
     for i in range(600):
         image, mask, label = data.sample(i)
@@ -102,7 +103,7 @@ def test_builtin_class_is_the_texture():
     object (dark and light shades of one hue) always shows the pattern, and a textbook texture
     descriptor (the orientation-blind power spectrum of the object's grey levels) classifies held-out
     images far above chance with a nearest-class-mean rule."""
-    data = datasets.BuiltinDataset("train", num_images=800, image_size=64, max_objects=1)
+    data = builtin_data.BuiltinDataset("train", num_images=800, image_size=64, max_objects=1)
     spectra, labels = [], []
     for i in range(800):
         image, mask, label = data.sample(i)
@@ -122,7 +123,7 @@ def test_builtin_class_is_the_texture():
 def test_builtin_main_object_is_large_and_central():
     """Most crops of a scene hold part of the main object: it covers a good part of the image and its
     centre of mass is near the image centre."""
-    data = datasets.BuiltinDataset("val", num_images=100, image_size=32, max_objects=1)
+    data = builtin_data.BuiltinDataset("val", num_images=100, image_size=32, max_objects=1)
     for i in range(100):
         _, mask, _ = data.sample(i)
         assert 0.15 < (mask > 0).mean() < 0.9, (i, (mask > 0).mean())
@@ -133,7 +134,7 @@ def test_builtin_main_object_is_large_and_central():
 def test_builtin_masks_follow_the_image_content():
     """Mask boundaries sit on image edges: the colour change across the pixels where the mask
     changes is largest for the mask as rendered, not for the mask shifted sideways."""
-    data = datasets.BuiltinDataset("val", num_images=20, image_size=64)
+    data = builtin_data.BuiltinDataset("val", num_images=20, image_size=64)
     scores = {shift: [] for shift in (-3, -1, 0, 1, 3)}
     for i in range(20):
         image, mask, _ = data.sample(i)
@@ -149,7 +150,7 @@ def test_builtin_masks_follow_the_image_content():
 
 @pytest.mark.parametrize("size", [32, 96, 256])
 def test_builtin_sizes(size):
-    image, mask, _ = datasets.BuiltinDataset(image_size=size, num_images=2).sample(1)
+    image, mask, _ = builtin_data.BuiltinDataset(image_size=size, num_images=2).sample(1)
     assert image.size == (size, size) and mask.shape == (size, size)
 
 
@@ -157,8 +158,8 @@ def test_builtin_scene_is_the_same_at_any_side():
     """The segmentation demo pretrains on 64-pixel scenes and reads them at 96: a seed and an index
     draw one scene, whatever the side. Its 96-pixel mask, shrunk to 64 by nearest neighbour, agrees
     with the 64-pixel mask except along the outlines; a different scene agrees far less."""
-    small = datasets.BuiltinDataset("val", num_images=10, image_size=64, max_objects=4)
-    large = datasets.BuiltinDataset("val", num_images=10, image_size=96, max_objects=4)
+    small = builtin_data.BuiltinDataset("val", num_images=10, image_size=64, max_objects=4)
+    large = builtin_data.BuiltinDataset("val", num_images=10, image_size=96, max_objects=4)
     def shrink(m):
         return np.array(Image.fromarray(m).resize((64, 64), Image.NEAREST))
 
@@ -174,7 +175,7 @@ def test_builtin_scene_is_the_same_at_any_side():
 
 
 def test_builtin_segmentation():
-    seg = datasets.BuiltinSegmentation("train", num_images=5, image_size=32, num_classes=6)
+    seg = builtin_data.BuiltinSegmentation("train", num_images=5, image_size=32, num_classes=6)
     assert seg.num_classes == 7 and seg.ignore_index == 255
     image, mask = seg[2]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
@@ -184,11 +185,11 @@ def test_builtin_segmentation():
 
 def test_builtin_argument_errors():
     with pytest.raises(ValueError, match="split"):
-        datasets.BuiltinDataset("test")
+        builtin_data.BuiltinDataset("test")
     with pytest.raises(ValueError, match="num_classes"):
-        datasets.BuiltinDataset(num_classes=50)
+        builtin_data.BuiltinDataset(num_classes=50)
     with pytest.raises(IndexError):
-        datasets.BuiltinDataset(num_images=3).sample(3)
+        builtin_data.BuiltinDataset(num_images=3).sample(3)
 
 
 def test_builtin_with_the_training_transform():
@@ -331,7 +332,7 @@ def test_cifar_mini(cifar_mini):
 # ------------------------------------------------------------------------------------------
 
 def test_batch_size_must_divide():
-    data = datasets.BuiltinDataset(num_images=64, image_size=16)
+    data = builtin_data.BuiltinDataset(num_images=64, image_size=16)
     with pytest.raises(ValueError, match="--batch-size 10"):
         datasets.build_loader(data, 10, world_size=4, rank=0)
     with pytest.raises(ValueError, match="--batch-size"):
@@ -345,7 +346,7 @@ def to_tensor(img):
 
 
 def test_loader_splits_the_global_batch_over_processes():
-    data = datasets.BuiltinDataset(num_images=30, image_size=16, transform=to_tensor)
+    data = builtin_data.BuiltinDataset(num_images=30, image_size=16, transform=to_tensor)
     seen = []
     for rank in range(2):
         loader = datasets.build_loader(data, 8, world_size=2, rank=rank, train=True, seed=3,
@@ -364,7 +365,7 @@ def test_loader_splits_the_global_batch_over_processes():
 
 
 def test_epoch_iterator_resumes_mid_epoch():
-    data = datasets.BuiltinDataset(num_images=20, image_size=16, transform=to_tensor)
+    data = builtin_data.BuiltinDataset(num_images=20, image_size=16, transform=to_tensor)
     loader = datasets.build_loader(data, 4, seed=1, pin_memory=False)
     full = [labels for _, labels in datasets.epoch_iterator(loader, 2)]
     resumed = [labels for _, labels in datasets.epoch_iterator(loader, 2, skip=3)]
@@ -374,7 +375,7 @@ def test_epoch_iterator_resumes_mid_epoch():
 
 
 def test_validation_loader_keeps_order_and_every_sample():
-    data = datasets.BuiltinDataset("val", num_images=10, image_size=16, transform=to_tensor)
+    data = builtin_data.BuiltinDataset("val", num_images=10, image_size=16, transform=to_tensor)
     loader = datasets.build_loader(data, 4, train=False, pin_memory=False)
     labels = torch.cat([y for _, y in loader])
     assert list(loader.sampler) == list(range(10)) and len(labels) == 10
@@ -383,7 +384,7 @@ def test_validation_loader_keeps_order_and_every_sample():
 
 def test_loader_collates_multi_crop_samples_with_workers():
     transform = tr.MultiCropTrainDataTransform([32, 16], [2, 3], grid_sizes=[2, 1])
-    data = datasets.BuiltinDataset(num_images=8, image_size=32, transform=transform)
+    data = builtin_data.BuiltinDataset(num_images=8, image_size=32, transform=transform)
     loader = datasets.build_loader(data, 4, num_workers=1, seed=0, pin_memory=False)
     assert loader.persistent_workers
     (views, locations), labels = next(iter(loader))
@@ -395,7 +396,7 @@ def test_loader_collates_multi_crop_samples_with_workers():
 def _views_loader(num_workers, seed=3):
     tf = tr.MultiCropTrainDataTransform(size_crops=[32, 16], num_crops=[2, 2], min_scale_crops=[0.4, 0.1],
                                      max_scale_crops=[1, 0.4], grid_sizes=[4, 2])
-    ds = datasets.BuiltinDataset("train", num_images=24, image_size=32, transform=tf)
+    ds = builtin_data.BuiltinDataset("train", num_images=24, image_size=32, transform=tf)
     return datasets.build_loader(ds, 8, train=True, num_workers=num_workers, seed=seed)
 
 
@@ -414,7 +415,7 @@ def test_training_views_depend_only_on_seed_epoch_and_index():
 
 
 def test_builtin_segmentation_masks_stay_within_their_classes():
-    seg = datasets.BuiltinSegmentation("val", num_images=40, image_size=32, num_classes=3)
+    seg = builtin_data.BuiltinSegmentation("val", num_images=40, image_size=32, num_classes=3)
     assert seg.num_classes == 4  # background + 3 object classes
     values = set()
     for i in range(len(seg)):

@@ -174,6 +174,7 @@ def test_time_budget_schedule_ends_with_the_epochs_when_they_come_first(tmp_path
     assert (exp / "backbone.pth").is_file()
 
 
+@pytest.mark.slow
 def test_pretrain_steps_counts_the_unlogged_last_steps_of_a_run_the_clock_ends(tmp_path):
     # 640 images / 8 = 80 steps an epoch; with one log line a day only the epochs' last steps are
     # logged, and a 9-second budget ends the run within an epoch (79 positions in 80): its last steps
@@ -309,6 +310,7 @@ def test_results_json_from_a_tiny_run(tmp_path):
     assert kept[0] == kept[1] and "--feature-probe" in kept[0] and "--train-images" in kept[0]
 
 
+@pytest.mark.slow
 def test_builtin_demo_runs_the_same_timed_comparison(tmp_path):
     """make demo's path: the built-in images drawn from --builtin-seed in every script, the random and
     the pretrained network evaluated with identical settings, results.json written."""
@@ -326,6 +328,7 @@ def test_builtin_demo_runs_the_same_timed_comparison(tmp_path):
     assert "seed 3" in results["data"] and "10 classes" in results["data"]
 
 
+@pytest.mark.slow
 def test_segmentation_demo_compares_three_backbones_through_one_head(tmp_path):
     """--task segmentation: VICReg (alpha 1) and VICRegL (alpha 0.75) pretrained with identical flags and
     budget, then the same head (same flags and seed) on them and on a random network; results.json

@@ -67,7 +67,7 @@ def _worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_processes_equal_one(tmp_path, world):
     mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
                        start_method="spawn")
@@ -105,6 +105,7 @@ def _agreement_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_processes_agree_on_decisions_taken_on_their_own_clocks(tmp_path):
     world = 3
     mp.spawn(_agreement_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import datasets
+import builtin_data
 from bench import gpu_results
 from utils import UserError
 
@@ -22,7 +22,7 @@ def class_folders(root, train=40, val=10):
         for k in range(count):
             folder = root / split / ("a" if k % 2 == 0 else "b")
             folder.mkdir(parents=True, exist_ok=True)
-            datasets.synthetic_photo(32, 32, seed=k + 1000 * (split == "val")).save(folder / f"{k:03d}.png")
+            builtin_data.synthetic_photo(32, 32, seed=k + 1000 * (split == "val")).save(folder / f"{k:03d}.png")
     return root
 
 
@@ -31,6 +31,7 @@ def last_json(path, prefix="{"):
     return json.loads(lines[-1][len(prefix) - 1:])
 
 
+@pytest.mark.slow
 def test_both_comparisons_end_to_end(tmp_path):
     data, out = class_folders(tmp_path / "data"), tmp_path / "out"
     proc = subprocess.run([sys.executable, "bench/gpu_results.py", "--cifar-dir", str(data), "--out", str(out),

@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import builtin_data
 import datasets
+import public_datasets
+import shared_images
 import visualize
 from test_public_datasets import write_cifar10
 
@@ -129,10 +132,10 @@ def hostile_batch_messages(tmp_path_factory):
         (folder / name).write_bytes(data)
     code = f"""
 import json, sys
-import datasets
+import public_datasets
 for name in {list(HOSTILE_BATCHES)!r}:
     try:
-        datasets.load_array_pickle({str(folder)!r} + "/" + name)
+        public_datasets.load_array_pickle({str(folder)!r} + "/" + name)
         result = "loaded"
     except ValueError as e:
         result = str(e)
@@ -186,7 +189,7 @@ def test_labels_are_checked_before_any_conversion(tmp_path, labels, expected):
     path = tmp_path / "data_batch_1"
     path.write_bytes(batch(array((1, 3072), dtype("u1"), s(bytes(3072))), labels))
     with pytest.raises(ValueError) as err:
-        datasets.read_cifar_batch(path, "labels")
+        public_datasets.read_cifar_batch(path, "labels")
     assert str(err.value) == f"{path}: {expected}"
 
 
@@ -207,7 +210,7 @@ def test_plain_arrays_of_every_protocol_still_load(tmp_path):
                   np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)), np.zeros((0, 5), bool)):
             path = tmp_path / f"p{protocol}"
             path.write_bytes(pickle.dumps({"a": a, "t": (1, ("x", 2))}, protocol=protocol))
-            b = datasets.load_array_pickle(path)["a"]
+            b = public_datasets.load_array_pickle(path)["a"]
             assert type(b) is np.ndarray and b.shape == a.shape and np.array_equal(b, a), (protocol, a.dtype)
 
 
@@ -342,7 +345,7 @@ def test_every_script_that_reads_image_folders_has_the_pixel_limit_flag(script, 
 def _shared_folders(tmp_path, monkeypatch):
     first, second = tmp_path / "shm", tmp_path / "tmp"
     first.mkdir(), second.mkdir()
-    monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(first), str(second)))
+    monkeypatch.setattr(shared_images, "SHARED_FOLDERS", (str(first), str(second)))
     ours = second / "z"
     ours.write_bytes(b"ours")
     ours.chmod(0o600)
@@ -367,21 +370,21 @@ def test_a_file_planted_under_the_shared_name_is_never_mapped(tmp_path, monkeypa
             os.chown(planted, 12345, 12345)
         else:
             planted.chmod(0o666)  # chmod after creation: the umask would mask it
-    assert datasets.find_shared("z") == str(ours)
+    assert shared_images.find_shared("z") == str(ours)
     ours.unlink()
     expected = (f"can be written by other users (mode 666)" if plant == "world_writable" else
                 f"belongs to user 12345, not to this user ({os.getuid()})")
     with pytest.raises(OSError) as err:
-        datasets.find_shared("z")
+        shared_images.find_shared("z")
     assert str(err.value) == f"refused {planted} {expected}: not the images of this run's first process"
 
 
 def test_the_first_processs_own_shared_file_is_still_found(tmp_path, monkeypatch):
     """Kills: a check that refuses the first process's own file (a link into /proc to a 0600 file)."""
     first, _ = _shared_folders(tmp_path, monkeypatch)
-    memory = datasets.InMemoryImages(datasets.BuiltinDataset("train", 2, image_size=8), None, share_as="w")
+    memory = shared_images.InMemoryImages(builtin_data.BuiltinDataset("train", 2, image_size=8), None, share_as="w")
     try:
-        assert datasets.find_shared("w") == str(first / "w")
+        assert shared_images.find_shared("w") == str(first / "w")
     finally:
         memory.unshare()
 

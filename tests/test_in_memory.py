@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import builtin_data
 import datasets
+import shared_images
 import transforms as tr
 from test_transforms import grey_level_diffs, render_like_reference
 
@@ -34,12 +36,12 @@ def one_thread():
 
 
 def write_folder(root, sizes, seed=0):
-    """root/<class>/<k>.png: photograph-like images (datasets.synthetic_photo) of the given (width, height),
+    """root/<class>/<k>.png: photograph-like images (builtin_data.synthetic_photo) of the given (width, height),
     alternating between two classes (k even: a, odd: b)."""
     for k, (width, height) in enumerate(sizes):
         folder = root / ("a" if k % 2 == 0 else "b")
         folder.mkdir(parents=True, exist_ok=True)
-        datasets.synthetic_photo(width, height, seed=seed + k).save(folder / f"{k:03d}.png")
+        builtin_data.synthetic_photo(width, height, seed=seed + k).save(folder / f"{k:03d}.png")
     return root
 
 
@@ -132,7 +134,7 @@ def test_batched_views_are_the_reference_operations_with_the_per_image_draws(tmp
               grid_sizes=(2, 1), no_flip_grid=False, batch_colours=True, blur_p=(1.0, 0.1))
     transform = tr.MultiCropTrainDataTransform(**kw)
     plain = datasets.ImageFolderDataset(root, transform)
-    memory = datasets.InMemoryImages(datasets.ImageFolderDataset(root, tr.MultiCropTrainDataTransform(**kw)),
+    memory = shared_images.InMemoryImages(datasets.ImageFolderDataset(root, tr.MultiCropTrainDataTransform(**kw)),
                                      tr.MultiCropTrainDataTransform(**kw))
     keys = [(3, 7), (3, 0), (3, 11), (3, 4), (3, 7)]  # an image twice: its two samples differ by index only
     made = datasets.EpochSeededDataset(memory, seed=5).__getitems__(keys)
@@ -171,8 +173,8 @@ def test_other_datasets_still_load_sample_by_sample(tmp_path):
 def test_arrays_and_builtin_scenes_are_held_with_their_labels():
     transform = tr.MultiCropTrainDataTransform(size_crops=(32,), num_crops=(2,), min_scale_crops=(0.3,),
                                                max_scale_crops=(1.0,), grid_sizes=(1,), batch_colours=True)
-    builtin = datasets.BuiltinDataset("train", 6, image_size=32)
-    memory = datasets.InMemoryImages(builtin, transform)
+    builtin = builtin_data.BuiltinDataset("train", 6, image_size=32)
+    memory = shared_images.InMemoryImages(builtin, transform)
     assert memory.images.shape == (6, 3, 32, 32) and memory.num_classes == builtin.num_classes
     for k in range(6):
         image, _, label = builtin.sample(k)
@@ -184,16 +186,17 @@ def test_arrays_and_builtin_scenes_are_held_with_their_labels():
 def test_images_of_different_sizes_are_refused_by_name(tmp_path):
     root = write_folder(tmp_path / "train", [(32, 32), (32, 32), (40, 32)])
     with pytest.raises(ValueError, match=r"002\.png\) is 40x32, image 0 is 32x32"):
-        datasets.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform())
+        shared_images.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform())
 
 
 def test_images_that_would_fill_the_memory_are_refused(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "train", [(32, 32)] * 3)
-    monkeypatch.setattr(datasets, "physical_memory", lambda: 2 * 3 * 3 * 32 * 32 - 2)
+    monkeypatch.setattr(shared_images, "physical_memory", lambda: 2 * 3 * 3 * 32 * 32 - 2)
     with pytest.raises(ValueError, match=r"3 images of 32x32 take 0.0 GiB decoded, more than half of this machine"):
-        datasets.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform())
-    monkeypatch.setattr(datasets, "physical_memory", lambda: 2 * 3 * 3 * 32 * 32)
-    assert datasets.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform()).images.shape[0] == 3
+        shared_images.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform())
+    monkeypatch.setattr(shared_images, "physical_memory", lambda: 2 * 3 * 3 * 32 * 32)
+    memory = shared_images.InMemoryImages(datasets.ImageFolderDataset(root), tr.MultiCropTrainDataTransform())
+    assert memory.images.shape[0] == 3
 
 
 def test_main_vicregl_names_the_flag_for_images_of_different_sizes(tmp_path):
@@ -210,6 +213,7 @@ def test_main_vicregl_names_the_flag_for_images_of_different_sizes(tmp_path):
     assert last.endswith("020.png) is 40x32, image 0 is 32x32")
 
 
+@pytest.mark.slow
 def test_stopped_mid_epoch_then_resumed_equals_uninterrupted(tmp_path):
     """A run stopped within an epoch (SIGTERM) and restarted ends with the weights of a run that was not
     stopped: the batched views depend on (seed, epoch, index) alone."""
@@ -237,7 +241,8 @@ def test_demo_holds_small_images_of_one_size_in_memory(tmp_path, monkeypatch):
     uniform = datasets.ImageFolderDataset(write_folder(tmp_path / "uniform", [(32, 32)] * 4))
     mixed = datasets.ImageFolderDataset(write_folder(tmp_path / "mixed", [(32, 32)] * 3 + [(32, 33)]))
     assert demo.loading_flags(uniform) == ["--in-memory", "--num-workers", "0"]
-    assert demo.loading_flags(datasets.BuiltinDataset("train", 8, image_size=32)) == ["--in-memory", "--num-workers", "0"]
+    builtin = builtin_data.BuiltinDataset("train", 8, image_size=32)
+    assert demo.loading_flags(builtin) == ["--in-memory", "--num-workers", "0"]
     assert demo.loading_flags(mixed) == ["--num-workers", "1"]
     (tmp_path / "uniform" / "a" / "999.png").write_bytes(b"not an image")  # no header to read: not held
     assert demo.loading_flags(datasets.ImageFolderDataset(tmp_path / "uniform")) == ["--num-workers", "1"]
@@ -262,7 +267,7 @@ def _sharing_worker(rank, world, init_file, root, shared, out_dir):
     import main_vicregl
     import utils
     torch.set_num_threads(1)
-    datasets.SHARED_FOLDERS = (shared,)
+    shared_images.SHARED_FOLDERS = (shared,)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     info = utils.DistInfo(rank=rank, world_size=world, local_rank=rank, backend="gloo")
@@ -308,6 +313,7 @@ def test_processes_of_a_machine_decode_once_and_share_the_images(tmp_path):
     assert os.listdir(shared) == []
 
 
+@pytest.mark.slow
 def test_a_failure_to_decode_stops_every_process_and_leaves_no_file(tmp_path):
     root = write_folder(tmp_path / "train", [(24, 20)] * 3 + [(20, 20)])
     shared, ranks = _run_sharing(tmp_path, root)
@@ -320,18 +326,18 @@ def test_a_failure_to_decode_stops_every_process_and_leaves_no_file(tmp_path):
 def test_shared_images_go_to_the_first_folder_with_room(tmp_path, monkeypatch):
     full, roomy = tmp_path / "full", tmp_path / "roomy"
     roomy.mkdir()
-    monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(full), str(roomy)))  # full: does not exist
-    assert datasets.shared_folder(10) == str(roomy)
+    monkeypatch.setattr(shared_images, "SHARED_FOLDERS", (str(full), str(roomy)))  # full: does not exist
+    assert shared_images.shared_folder(10) == str(roomy)
     free = os.statvfs(roomy).f_bavail * os.statvfs(roomy).f_frsize
     with pytest.raises(OSError, match="no room for .* MiB of images in .*full or .*roomy"):
-        datasets.shared_folder(free + 2 ** 40)
-    builtin = datasets.BuiltinDataset("train", 4, image_size=16)
-    memory = datasets.InMemoryImages(builtin, tr.MultiCropTrainDataTransform(), share_as="x")
+        shared_images.shared_folder(free + 2 ** 40)
+    builtin = builtin_data.BuiltinDataset("train", 4, image_size=16)
+    memory = shared_images.InMemoryImages(builtin, tr.MultiCropTrainDataTransform(), share_as="x")
     assert memory.file == str(roomy / "x") and os.path.getsize(memory.file) == 4 * 8 + 4 * 3 * 16 * 16
-    mapped = datasets.InMemoryImages.mapped(builtin, None, memory.file, 4, 16, 16)
+    mapped = shared_images.InMemoryImages.mapped(builtin, None, memory.file, 4, 16, 16)
     assert torch.equal(mapped.images, memory.images) and torch.equal(mapped.labels, memory.labels)
     with pytest.raises(OSError, match="x holds 3104 bytes, expected 6176"):
-        datasets.InMemoryImages.mapped(builtin, None, memory.file, 4, 16, 32)
+        shared_images.InMemoryImages.mapped(builtin, None, memory.file, 4, 16, 32)
     memory.unshare()
     assert os.listdir(roomy) == []
 
@@ -358,15 +364,15 @@ def test_main_vicregl_under_torchrun_shares_the_images(tmp_path):
 KILLED_DECODER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import datasets, transforms
+import builtin_data, shared_images, transforms
 
-class Slow(datasets.BuiltinDataset):
+class Slow(builtin_data.BuiltinDataset):
     def __getitem__(self, index):
         time.sleep(0.05)
         return super().__getitem__(index)
 
-datasets.SHARED_FOLDERS = ({shared!r},)
-datasets.InMemoryImages(Slow("train", 2000, image_size=16), transforms.MultiCropTrainDataTransform(), share_as="x")
+shared_images.SHARED_FOLDERS = ({shared!r},)
+shared_images.InMemoryImages(Slow("train", 2000, image_size=16), transforms.MultiCropTrainDataTransform(), share_as="x")
 """
 
 
@@ -398,16 +404,16 @@ def test_without_proc_the_shared_file_is_named_and_removed_by_unshare(tmp_path, 
     another process space), the file itself is named: it works the same and unshare() removes it."""
     shared = tmp_path / "shm"
     shared.mkdir()
-    monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(shared),))
-    builtin = datasets.BuiltinDataset("train", 3, image_size=16)
-    plain = datasets.InMemoryImages(builtin, None)
+    monkeypatch.setattr(shared_images, "SHARED_FOLDERS", (str(shared),))
+    builtin = builtin_data.BuiltinDataset("train", 3, image_size=16)
+    plain = shared_images.InMemoryImages(builtin, None)
     fake = tmp_path / "proc"
     (fake / str(os.getpid()) / "fd").mkdir(parents=True)  # there, but leads nowhere
     for proc in (str(tmp_path / "none"), str(fake)):
-        monkeypatch.setattr(datasets, "PROC", proc)
-        memory = datasets.InMemoryImages(builtin, None, share_as="y")
+        monkeypatch.setattr(shared_images, "PROC", proc)
+        memory = shared_images.InMemoryImages(builtin, None, share_as="y")
         assert os.listdir(shared) == ["y"] and not os.path.islink(shared / "y")
-        mapped = datasets.InMemoryImages.mapped(builtin, None, str(shared / "y"), 3, 16, 16)
+        mapped = shared_images.InMemoryImages.mapped(builtin, None, str(shared / "y"), 3, 16, 16)
         assert torch.equal(mapped.images, plain.images) and torch.equal(mapped.labels, plain.labels)
         memory.unshare()
         assert os.listdir(shared) == []
@@ -416,12 +422,12 @@ def test_without_proc_the_shared_file_is_named_and_removed_by_unshare(tmp_path, 
 def test_the_other_processes_are_told_why_they_cannot_open_the_shared_file(tmp_path, monkeypatch):
     first, second = tmp_path / "shm", tmp_path / "tmp"
     first.mkdir(), second.mkdir()
-    monkeypatch.setattr(datasets, "SHARED_FOLDERS", (str(first), str(second)))
+    monkeypatch.setattr(shared_images, "SHARED_FOLDERS", (str(first), str(second)))
     with pytest.raises(OSError, match=r"^z is in none of .*shm, .*tmp: the process of local rank 0 on each machine"):
-        datasets.find_shared("z")
+        shared_images.find_shared("z")
     (second / "z").write_bytes(b"")
-    assert datasets.find_shared("z") == str(second / "z")
+    assert shared_images.find_shared("z") == str(second / "z")
     os.symlink("/proc/999999999/fd/3", first / "z")  # the first process's, in a /proc this one does not see
     with pytest.raises(OSError, match=r"shm/z leads to /proc/999999999/fd/3, which this process cannot open: the "
                                       r"processes of a machine must see one another in /proc \(one container"):
-        datasets.find_shared("z")
+        shared_images.find_shared("z")

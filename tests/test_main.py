@@ -127,6 +127,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(finished_run, tmp_pa
     same_weights(finished_run / "model.pth", exp / "model.pth")
 
 
+@pytest.mark.slow
 def test_killed_at_an_epoch_boundary_restarts_there_and_ends_like_an_uninterrupted_run(tmp_path):
     """SIGKILL leaves no chance to save: the last epoch-boundary checkpoint must be there, and the
     restarted run must neither redo nor skip an epoch (its weights equal an uninterrupted run's)."""
@@ -161,6 +162,7 @@ WHOLE_BATCH = ["--dataset", "builtin", "--builtin-images", "16", "--builtin-size
                "--optimizer", "lars", "--base-lr", "0.3"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_compute_what_one_process_computes(tmp_path):
     """Each rank reads its own shard and the gathered losses and averaged gradients make two
     processes' update that of one process on the same global batch."""
@@ -227,6 +229,7 @@ def test_configuration_error_from_the_script_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: --alpha must lie in [0, 1], got 1.5"]
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_size(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

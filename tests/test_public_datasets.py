@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import datasets
+import public_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -262,7 +263,7 @@ def test_download_flag_reaches_the_dataset(tmp_path, monkeypatch, capsys, script
     """Kills: a script that does not pass --download on to the dataset (or always does)."""
     module = __import__(script)
     calls = []
-    monkeypatch.setattr(datasets, "download_public", lambda name, root: calls.append((name, root)))
+    monkeypatch.setattr(public_datasets, "download_public", lambda name, root: calls.append((name, root)))
     args = module.get_args_parser().parse_args(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--exp-dir",
                                                 str(tmp_path / "exp"), "--device", "cpu", *flag])
     with pytest.raises(SystemExit) as exit_info:  # the fake download leaves the files missing

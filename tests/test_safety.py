@@ -326,6 +326,7 @@ def leftovers(folder):
     return [p.name for p in Path(folder).iterdir() if ".tmp." in p.name]
 
 
+@pytest.mark.slow
 def test_pretraining_full_disk_at_the_second_checkpoint(tmp_path):
     exp = tmp_path / "exp"
     proc = run_failing("save", "model.pth", 1, "main_vicregl.py", *PRETRAIN_RUN, "--exp-dir", exp)
@@ -339,6 +340,7 @@ def test_pretraining_full_disk_at_the_second_checkpoint(tmp_path):
     assert torch.load(exp / "model.pth", weights_only=True)["epoch"] == 2 and (exp / "backbone.pth").exists()
 
 
+@pytest.mark.slow
 def test_pretraining_full_disk_at_the_exported_backbone(tmp_path):
     exp = tmp_path / "exp"
     proc = run_failing("save", "backbone.pth", 0, "main_vicregl.py", *PRETRAIN_RUN, "--exp-dir", exp)
@@ -348,6 +350,7 @@ def test_pretraining_full_disk_at_the_exported_backbone(tmp_path):
     assert again.returncode == 0 and (exp / "backbone.pth").exists(), again.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_pretraining_log_without_permission(tmp_path):
     exp = tmp_path / "exp"
     proc = run_failing("open", "stats.txt", 3, "main_vicregl.py", *PRETRAIN_RUN, "--exp-dir", exp)
@@ -356,6 +359,7 @@ def test_pretraining_log_without_permission(tmp_path):
     assert again.returncode == 0 and (exp / "backbone.pth").exists(), again.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_evaluation_full_disk_at_the_second_checkpoint(tmp_path):
     exp = tmp_path / "lin"
     common = ["evaluate.py", *EVAL_RUN, "--epochs", "2", "--exp-dir", exp]
@@ -367,6 +371,7 @@ def test_evaluation_full_disk_at_the_second_checkpoint(tmp_path):
     assert torch.load(exp / "checkpoint.pth", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_segmentation_full_disk_at_the_second_checkpoint(tmp_path):
     exp = tmp_path / "seg"
     common = ["segmentation/train.py", *SEG_RUN, "--exp-dir", exp]

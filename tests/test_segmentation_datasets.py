@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets as top
+import builtin_data
 from segmentation import datasets as D
 from segmentation import transforms as T
 
@@ -136,7 +136,7 @@ def test_builtin_masks_match_the_builtin_scenes():
     values = set()
     for i in range(len(ds)):
         image, mask = ds[i]
-        ref_image, ref_mask, _ = top.BuiltinDataset("val", 6, 32, 3, seed=5).sample(i)
+        ref_image, ref_mask, _ = builtin_data.BuiltinDataset("val", 6, 32, 3, seed=5).sample(i)
         assert np.array_equal(mask, ref_mask) and np.array_equal(np.array(image), np.array(ref_image))
         values |= set(np.unique(mask).tolist())
     assert 0 in values and values <= {0, 1, 2, 3}

@@ -93,6 +93,7 @@ def test_eval_only_reproduces_the_final_evaluation(learnt, one_thread, tmp_path)
     assert after["it"] == 200 and after["mIoU"] == before["mIoU"] and after["IoU"] == before["IoU"]
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_exactly_like_one(learnt, one_thread, tmp_path):
     """torchrun with gloo: the shards' confusion matrices are summed, each image counted once."""
     exp = own_copy(learnt[0], tmp_path)
@@ -187,7 +188,7 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys, case):
 def test_builtin_seed_selects_the_images_and_seed_does_not():
     """--builtin-seed picks the scenes (those main_vicregl.py --builtin-seed pretrains on); --seed only
     seeds the head and the crops."""
-    import datasets as top
+    import builtin_data
     parser = seg_train.get_args_parser()
     for argv, images_seed in [(["--seed", "9"], 0), (["--builtin-seed", "3", "--seed", "9"], 3)]:
         args = seg_train.resolve_args(parser.parse_args(["--dataset", "builtin", "--arch", "resnet_test",
@@ -195,5 +196,5 @@ def test_builtin_seed_selects_the_images_and_seed_does_not():
         for split in ("train", "val"):
             ds = seg_train.build_dataset(args, split, None)
             _, mask = ds[1]
-            _, expected, _ = top.BuiltinDataset(split, 4, 32, 10, seed=images_seed).sample(1)
+            _, expected, _ = builtin_data.BuiltinDataset(split, 4, 32, 10, seed=images_seed).sample(1)
             assert (mask == expected).all(), (argv, split)

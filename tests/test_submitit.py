@@ -39,6 +39,7 @@ def _steps(stats):
     return [json.loads(l)["st"] for l in stats.read_text().splitlines() if l.startswith("{")]
 
 
+@pytest.mark.slow
 def test_local_job_checkpoints_requeues_and_resumes(tmp_path, monkeypatch):
     # 8 epochs x 6 steps: the signal, sent once step 3 is logged, lands well before the end even on a slow
     # machine; wherever it lands, the checks below hold.

@@ -135,7 +135,7 @@ def segment(tmp_path_factory):
     return exp, stats_lines(exp), lambda p, l: ("val" if p else "train", l["it"])
 
 
-SCRIPTS = ["pretrain", "probe", "segment"]
+SCRIPTS = ["pretrain", pytest.param("probe", marks=pytest.mark.slow), pytest.param("segment", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -196,6 +196,7 @@ def test_missing_package_is_one_line_before_any_work(module, argv, tmp_path, mon
 
 # ----------------------------------------------------------------------------- under torchrun
 
+@pytest.mark.slow
 def test_under_torchrun_only_rank_0_writes_and_the_board_matches_its_log(tmp_path):
     """Two gloo processes, one step each per epoch: one event file (rank 0's), holding the numbers of
     the stats.txt lines that rank 0 alone writes."""

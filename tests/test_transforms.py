@@ -13,7 +13,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-import datasets
+import builtin_data
 import transforms as tr
 from bench.reference_transforms import ReferenceMultiCropTransform
 
@@ -32,7 +32,7 @@ def one_thread():
 
 def jpeg_bytes(width, height, seed=0, quality=90):
     buf = io.BytesIO()
-    datasets.synthetic_photo(width, height, seed).save(buf, "JPEG", quality=quality)
+    builtin_data.synthetic_photo(width, height, seed).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -233,7 +233,7 @@ def test_train_transform_structure(photo_jpeg):
 def test_any_crop_size(sizes, counts, grids, expected_grids):
     transform = tr.MultiCropTrainDataTransform(sizes, counts, [0.2] * len(sizes), [1.0] * len(sizes),
                                                grid_sizes=grids)
-    img = datasets.synthetic_photo(90, 70)  # smaller than some crops: upsampling must work
+    img = builtin_data.synthetic_photo(90, 70)  # smaller than some crops: upsampling must work
     views, locations = transform(img)
     expected = [(s, n) for s, c, n in zip(sizes, counts, expected_grids) for _ in range(c)]
     assert [(v.shape[-1], g.shape[0]) for v, g in zip(views, locations)] == expected
@@ -242,7 +242,7 @@ def test_any_crop_size(sizes, counts, grids, expected_grids):
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
 def test_non_rgb_images_give_three_channels(mode):
-    img = datasets.synthetic_photo(120, 90).convert(mode)
+    img = builtin_data.synthetic_photo(120, 90).convert(mode)
     views, _ = tr.MultiCropTrainDataTransform([64, 32], [1, 1])(img)
     assert [v.shape for v in views] == [(3, 64, 64), (3, 32, 32)]
 
@@ -337,7 +337,7 @@ def test_eval_transform_resizes_the_shorter_side_then_centre_crops(width, height
 
 @pytest.fixture(scope="module")
 def crop_image():
-    return datasets.synthetic_photo(160, 120, seed=1).resize((96, 96), Image.BICUBIC)
+    return builtin_data.synthetic_photo(160, 120, seed=1).resize((96, 96), Image.BICUBIC)
 
 
 def levels(a, b):
