@@ -16,8 +16,9 @@ The backbone comes from a checkpoint (``--checkpoint``: an exported backbone.pth
 model.pth or a published file; the architecture is read from model.pth's arguments or recognised
 from the weights' shapes), from a hub entry point (``--hub``, with ``--weights`` to load a local
 file instead of downloading) or is randomly initialised (``--random``, a baseline to compare with).
-Drawing uses Pillow and numpy only; the ``render_*`` functions return ``PIL.Image`` objects for use
-from other code.
+``features`` and ``matches`` are drawn with Pillow and numpy; ``curves`` with matplotlib, which only
+that subcommand needs (``pip install matplotlib``). The ``render_*`` functions return ``PIL.Image``
+objects for use from other code, ``curves_figure`` the matplotlib Figure.
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ from utils import UserError, add_trust_argument, exit_on_user_error, resolve_dev
 
 __all__ = ["LoadedBackbone", "load_backbone", "load_images", "preprocess", "dense_features", "pca_rgb",
            "render_features", "matched_pairs", "CropMatches", "compute_matches", "render_matches",
-           "RunStats", "read_stats", "render_curves", "nice_ticks", "main"]
+           "RunStats", "read_stats", "curves_figure", "render_curves", "main"]
 
 # Layout (pixels). A figure is a title band, then rows of panels, each panel with a label line above.
 PAD = 8
@@ -54,8 +55,6 @@ GREY = (150, 150, 150)
 CROP_COLOURS = ((40, 110, 255), (225, 40, 190))  # crop 1, crop 2 (boxes and frames)
 LOCATION_COLOURS = ((0, 165, 70), (130, 215, 160))  # crop 1 -> 2 (num_matches[0]), 2 -> 1 (lighter)
 FEATURE_COLOURS = ((240, 110, 0), (255, 195, 120))
-RUN_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-               (140, 86, 75), (227, 119, 194), (127, 127, 127))
 
 # ----------------------------------------------------------------------------- drawing helpers
 
@@ -219,7 +218,7 @@ def load_images(paths: Sequence[str] = (), builtin_indices: Sequence[int] = (), 
         except (OSError, SyntaxError, ValueError) as e:
             raise UserError(f"cannot read image {p}: {e}") from None
     if builtin_indices:
-        from datasets import BuiltinDataset  # entry scripts may import the data modules
+        from builtin_data import BuiltinDataset  # entry scripts may import the data modules
         try:
             data = BuiltinDataset(builtin_split, num_images=max(builtin_indices) + 1, image_size=builtin_size,
                                   seed=seed)
@@ -646,92 +645,19 @@ def _add_points(points: Dict[str, Dict[int, float]], row: dict, step: int) -> No
             points.setdefault(key, {})[step] = float(value)
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> List[float]:
-    """About ``count`` round tick values (multiples of 1, 2, 2.5 or 5 times a power of ten) in [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return []
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks, k = [], 0
-    while first + k * step <= hi + step * 1e-9:
-        ticks.append(round(first + k * step, 12))
-        k += 1
-    return ticks
+CURVES_DPI = 100  # --panel-size is in pixels; the text sizes below are points at this resolution
 
 
-def _tick_label(v: float, step: float) -> str:
-    if abs(v) >= 1e5 or (v != 0 and abs(v) < 1e-3):
-        return f"{v:.2g}"
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
-    if step > 0 and round(step * 10 ** decimals) % 10 == 5 and step * 10 ** decimals < 1:
-        decimals += 1
-    return f"{v:.{min(decimals, 6)}f}"
-
-
-def _x_label(v: float) -> str:
-    return f"{v / 1000:g}k" if abs(v) >= 10000 else f"{v:g}"
-
-
-def _y_range(values: List[float]) -> Tuple[float, float]:
-    lo, hi = min(values), max(values)
-    margin = (hi - lo) * 0.05 or abs(hi) * 0.05 or 0.5
-    return lo - margin, hi + margin
-
-
-def _plot(draw: ImageDraw.ImageDraw, box: Tuple[int, int, int, int], runs: Sequence[RunStats], key: str,
-          x_range: Tuple[float, float]) -> None:
-    """One small line plot of ``key`` for every run that has it, inside box (x0, y0, x1, y1)."""
-    font = _font(10)
-    x0, y0, x1, y1 = box[0] + 46, box[1] + 4, box[2] - 8, box[3] - 26  # plot area inside the margins
-    values = [v for r in runs if key in r.series for v in r.series[key][1] if math.isfinite(v)]
-    if not values:
-        draw.text((x0 + 4, y0 + 4), "no finite values", fill=GREY, font=font)
-        return
-    ylo, yhi = _y_range(values)
-    xlo, xhi = x_range
-    xhi = xhi if xhi > xlo else xlo + 1
-
-    def to_px(x: float, y: float) -> Tuple[float, float]:
-        return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-
-    yticks = nice_ticks(ylo, yhi, 5)
-    ystep = yticks[1] - yticks[0] if len(yticks) > 1 else 1.0
-    for t in yticks:
-        _, py = to_px(xlo, t)
-        draw.line((x0, py, x1, py), fill=(232, 232, 232))
-        draw.line((x0 - 3, py, x0, py), fill=INK)
-        text = _tick_label(t, ystep)
-        draw.text((x0 - 5 - _text_width(text, font), py - 6), text, fill=INK, font=font)
-    for t in nice_ticks(xlo, xhi, 5):
-        px, _ = to_px(t, ylo)
-        draw.line((px, y1, px, y1 + 3), fill=INK)
-        text = _x_label(t)
-        draw.text((px - _text_width(text, font) / 2, y1 + 4), text, fill=INK, font=font)
-    draw.text(((x0 + x1) / 2 - _text_width("step", font) / 2, y1 + 14), "step", fill=GREY, font=font)
-    draw.rectangle((x0, y0, x1, y1), outline=INK)
-    for n, run in enumerate(runs):
-        if key not in run.series:
-            continue
-        colour = RUN_COLOURS[n % len(RUN_COLOURS)]
-        segment = []
-        for x, y in zip(*run.series[key]):
-            if math.isfinite(y):
-                segment.append(to_px(x, y))
-            if segment and (not math.isfinite(y) or x == run.series[key][0][-1]):
-                _polyline(draw, segment, colour, markers=key.endswith("_val") or len(segment) == 1)
-                segment = []
-
-
-def _polyline(draw: ImageDraw.ImageDraw, points: List[Tuple[float, float]], colour, markers: bool) -> None:
-    if len(points) > 1:
-        draw.line(points, fill=colour, width=2, joint="curve")
-    if markers:
-        for xy in points:
-            _dot(draw, xy, 2.5, colour)
+def _matplotlib():
+    """matplotlib's Figure, Agg canvas and Line2D, imported only here: ``curves`` is the one subcommand that
+    needs matplotlib. The object-oriented API (no pyplot) leaves the global backend and state alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError:
+        raise UserError("visualize.py curves needs matplotlib: pip install matplotlib") from None
+    return Figure, FigureCanvasAgg, Line2D
 
 
 def curves_size(num_panels: int, cols: int, panel_w: int, panel_h: int, legend_lines: int = 1) -> Tuple[int, int]:
@@ -741,16 +667,11 @@ def curves_size(num_panels: int, cols: int, panel_w: int, panel_h: int, legend_l
     return w, h + (legend_lines - 1) * LABEL_H
 
 
-def render_curves(runs: Sequence[RunStats], keys: Optional[Sequence[str]] = None, cols: int = 4,
-                  panel_size: Tuple[int, int] = (240, 170)) -> Image.Image:
-    """A grid of small line plots, one per metric, x = training step, one colour per run.
+def _shorten(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[:max(chars - 3, 1)] + "..."
 
-    keys: the metrics to show (default: ``DEFAULT_KEYS`` that any run has, in that order; asked-for
-    keys that no run has raise UserError). The legend (run colours) is in the title band, wrapped
-    over more lines when needed. Size: ``curves_size(len(keys), cols, *panel_size, legend lines)``.
-    """
-    if not runs:
-        raise UserError("no stats file to plot")
+
+def _curve_keys(runs: Sequence[RunStats], keys: Optional[Sequence[str]]) -> List[str]:
     present = {k for r in runs for k in r.series}
     if keys is None:
         keys = [k for k in DEFAULT_KEYS if k in present]
@@ -760,46 +681,82 @@ def render_curves(runs: Sequence[RunStats], keys: Optional[Sequence[str]] = None
             raise UserError(f"no run logged {', '.join(missing)}; logged keys: {', '.join(sorted(present))}")
     if not keys:
         raise UserError(f"none of {', '.join(DEFAULT_KEYS)} is in {', '.join(r.path for r in runs)}")
+    return list(keys)
+
+
+def _plot_series(ax, steps: List[int], values: List[float], colour: str, label: str, markers: bool) -> None:
+    """One run's line; NaN and infinite values (a diverged loss) leave a gap. Validation series get a marker
+    on every point, the others only on points with no finite neighbour (no line segment to show them)."""
+    y = np.asarray(values, dtype=np.float64)
+    y[~np.isfinite(y)] = np.nan
+    finite = np.isfinite(y)
+    alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
+    ax.plot(steps, y, color=colour, linewidth=1.5, label=label, marker="o", markersize=3,
+            markevery=list(finite if markers else alone), clip_on=False)  # whole markers at the x limits
+
+
+def curves_figure(runs: Sequence[RunStats], keys: Optional[Sequence[str]] = None, cols: int = 4,
+                  panel_size: Tuple[int, int] = (240, 170)):
+    """A matplotlib Figure: a grid of small line plots, one per metric, x = training step (the same range in
+    every plot), one colour per run (matplotlib's C0, C1, ...).
+
+    keys: the metrics to show (default: ``DEFAULT_KEYS`` that any run has, in that order; asked-for keys
+    that no run has raise UserError). Each plot's left-aligned title is "key: description"; each line's
+    label is its run's label. The legend (one column per plot column, "label (last step N)") and, for one
+    run, its first command line fill the band at the top. Size at ``CURVES_DPI``:
+    ``curves_size(len(keys), cols, *panel_size, legend lines)`` pixels, panels placed as ``_panel_xy``.
+    """
+    Figure, FigureCanvasAgg, Line2D = _matplotlib()
+    if not runs:
+        raise UserError("no stats file to plot")
+    keys = _curve_keys(runs, keys)
     cols = max(1, min(cols, len(keys)))
     pw, ph = panel_size
-    width = figure_size(1, cols, pw, ph)[0]
-    legend = _legend_lines(runs, width - 2 * PAD)
-    fig = Image.new("RGB", curves_size(len(keys), cols, pw, ph, len(legend)), BACKGROUND)
-    draw = ImageDraw.Draw(fig)
-    for n, line in enumerate(legend):
-        x, y = PAD, 5 + n * LABEL_H
-        for index, text in line:
-            draw.line((x, y + 8, x + 18, y + 8), fill=RUN_COLOURS[index % len(RUN_COLOURS)], width=3)
-            draw.text((x + 22, y), text, fill=INK, font=_font(12))
-            x += 22 + _text_width(text, _font(12)) + 16
-    if len(runs) == 1 and runs[0].commands:  # one run: room for how it was started
-        room = fig.width - PAD - x
-        if room > 60:
-            draw.text((x, 5), _fit(runs[0].commands[0], room, _font(11)), fill=GREY, font=_font(11))
-    shift = (len(legend) - 1) * LABEL_H
+    legend_lines = math.ceil(len(runs) / cols)
+    width, height = curves_size(len(keys), cols, pw, ph, legend_lines)
+    # +0.01: some matplotlib versions' Agg canvas truncates width * dpi to whole pixels (113 / 100 * 100 is
+    # 112.99999...), which would make the picture a pixel smaller than curves_size
+    fig = Figure(figsize=((width + 0.01) / CURVES_DPI, (height + 0.01) / CURVES_DPI), dpi=CURVES_DPI)
+    FigureCanvasAgg(fig)
     steps = [s for r in runs for k in keys if k in r.series for s in r.series[k][0]]
-    x_range = (min(steps), max(steps)) if steps else (0, 1)
+    xlo, xhi = (min(steps), max(steps)) if steps else (0, 1)
+    shift = (legend_lines - 1) * LABEL_H
     for n, key in enumerate(keys):
         x, y = _panel_xy(n // cols, n % cols, pw, ph)
-        y += shift
-        _label(draw, (x, y), f"{key}: {KEY_NAMES.get(key, key)}", pw)
-        _plot(draw, (x, y, x + pw, y + ph), runs, key, x_range)
+        y += shift  # plot area: 46 px left for the y tick labels, 26 below for the x ticks and "step"
+        ax = fig.add_axes([(x + 46) / width, 1 - (y + ph - 26) / height, (pw - 54) / width, (ph - 30) / height])
+        ax.set_title(_shorten(f"{key}: {KEY_NAMES.get(key, key)}", pw // 6), loc="left", fontsize=8, pad=4,
+                     x=-46 / (pw - 54))  # from the panel's left edge, as wide as the panel (~6 px a character)
+        for r, run in enumerate(runs):
+            if key in run.series:
+                _plot_series(ax, *run.series[key], f"C{r}", run.label, key.endswith("_val"))
+        if not any(np.isfinite(v) for r in runs if key in r.series for v in r.series[key][1]):
+            ax.text(0.04, 0.94, "no finite values", transform=ax.transAxes, fontsize=7, color="0.5", va="top")
+        ax.set_xlim(xlo, xhi if xhi > xlo else xlo + 1)
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 10000 else f"{v:g}")
+        ax.yaxis.set_major_formatter(lambda v, _: f"{v:.4g}")  # no offset text to collide with the title
+        ax.tick_params(labelsize=7, length=3, pad=2)
+        ax.set_xlabel("step", fontsize=7, color="0.5", labelpad=1)
+        ax.grid(axis="y", color="0.9", linewidth=0.8)
+        ax.set_axisbelow(True)
+    suffixes = [f" (last step {max((s for v in run.series.values() for s in v[0]), default=0)})" for run in runs]
+    legend = fig.legend([Line2D([], [], color=f"C{r}", linewidth=2.5) for r in range(len(runs))],
+                        [_shorten(run.label, (pw - 31) // 6 - len(end)) + end for run, end in zip(runs, suffixes)],
+                        loc="upper left", bbox_to_anchor=(PAD / width, 1 - 3 / height), ncol=cols, frameon=False,
+                        fontsize=8, borderpad=0, borderaxespad=0, handlelength=1.5, labelspacing=0.6)
+    if len(runs) == 1 and runs[0].commands:  # one run: room for how it was started
+        right = legend.get_window_extent(fig.canvas.get_renderer()).x1 + 16
+        fig.text(right / width, 1 - 5 / height, _shorten(runs[0].commands[0], int((width - PAD - right) / 5.5)),
+                 fontsize=7, color="0.5", va="top")
     return fig
 
 
-def _legend_lines(runs: Sequence[RunStats], width: int) -> List[List[Tuple[int, str]]]:
-    """Legend entries (run index, text) flowed into lines that fit ``width`` pixels."""
-    lines, line, used = [], [], 0
-    for n, run in enumerate(runs):
-        text = _fit(f"{run.label} (last step {max((s for v in run.series.values() for s in v[0]), default=0)})",
-                    width - 40, _font(12))
-        need = 22 + _text_width(text, _font(12)) + 16
-        if line and used + need > width:
-            lines.append(line)
-            line, used = [], 0
-        line.append((n, text))
-        used += need
-    return lines + [line] if line else lines
+def render_curves(runs: Sequence[RunStats], keys: Optional[Sequence[str]] = None, cols: int = 4,
+                  panel_size: Tuple[int, int] = (240, 170)) -> Image.Image:
+    """``curves_figure`` drawn into an RGB image (at ``CURVES_DPI``)."""
+    fig = curves_figure(runs, keys, cols, panel_size)
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -938,12 +895,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _save(fig: Image.Image, out: Path, palette: bool = False) -> None:
+def _save(fig: Image.Image, out: Path, palette: bool = False, dpi: Optional[int] = None) -> None:
     if palette:  # 256 colours, no dithering: about 3x smaller for figures with photos or noise
         fig = fig.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.save(out, format="PNG", optimize=True)
+        fig.save(out, format="PNG", optimize=True, **({"dpi": (dpi, dpi)} if dpi else {}))
     except OSError as e:
         raise UserError(f"cannot write {out}: {e}") from None
     print(f"wrote {out} ({fig.width}x{fig.height})")
@@ -1014,6 +971,7 @@ def _run_matches(args) -> None:
 
 
 def _run_curves(args) -> None:
+    _matplotlib()  # before any other work: say at once that it is missing
     if args.labels is not None and len(args.labels) != len(args.stats):
         raise UserError(f"--labels names {len(args.labels)} runs but {len(args.stats)} stats files were given")
     if args.cols < 1 or min(args.panel_size) < 80:
@@ -1027,7 +985,7 @@ def _run_curves(args) -> None:
                   f"and strings (the first: line {run.first_skipped})", file=sys.stderr, flush=True)
     fig = render_curves(runs, args.keys, args.cols, tuple(args.panel_size))
     out = Path(args.out) if args.out else _stats_path(args.stats[0]).parent / "curves.png"
-    _save(fig, out, args.palette)
+    _save(fig, out, args.palette, CURVES_DPI)
 
 
 @exit_on_user_error

@@ -1,6 +1,8 @@
 """visualize.py: each picture is a valid PNG of the size its layout gives and shows something; the
-matches drawn are the pairs models.losses.nearest returns; PCA colours behave; stats.txt parsing;
+matches drawn are the pairs models.losses.nearest returns; PCA colours behave; stats.txt parsing and
+the curves plotted from it (matplotlib's line data against the file, and a clear error without it);
 every way of getting a backbone (checkpoint, model.pth, hub --weights, random); user errors."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -182,6 +184,10 @@ def test_render_matches_layout_and_lines(tiny):
 
 # ----------------------------------------------------------------------------- curves
 
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib draws the curves (requirements-dev.txt)")
+TAB10 = {"C0": (31, 119, 180), "C1": (255, 127, 14)}  # matplotlib's first two default colours
+
 STATS = [
     "main_vicregl.py --dataset builtin --arch resnet_test --exp-dir exp",
     {"ep": 0, "st": 0, "lr": 0.0, "t": "000000001", "inv_l": 5.0, "var_l": 16.0, "cov_l": 0.5, "minv_l": 8.0,
@@ -201,6 +207,18 @@ STATS = [
 ]
 
 
+def expected_series(key):
+    """(steps, values) of ``key`` straight from STATS: a training metric's last value at each step (step 14
+    is logged twice), a validation metric at the last step of its epoch."""
+    rows = [x for x in STATS if isinstance(x, dict)]
+    if key.endswith("_val"):
+        vals = [json.loads(x[len("Val:"):]) for x in STATS if isinstance(x, str) and x.startswith("Val:")]
+        points = {max(r["st"] for r in rows if r["ep"] == v["ep"]): v[key] for v in vals}
+    else:
+        points = {r["st"]: r[key] for r in rows}
+    return sorted(points), [points[s] for s in sorted(points)]
+
+
 @pytest.fixture
 def stats_file(tmp_path):
     exp = tmp_path / "run_a"
@@ -217,41 +235,100 @@ def test_read_stats(stats_file):
     assert "t" not in run.series and "ep" not in run.series
 
 
-def test_render_curves_layout_and_content(stats_file, tmp_path):
+def panels_by_key(fig):
+    """{key: Axes} from each plot's title "key: description"."""
+    return {ax.get_title(loc="left").split(":")[0]: ax for ax in fig.axes}
+
+
+def xy(line):
+    return np.asarray(line.get_xdata(), dtype=float).tolist(), np.asarray(line.get_ydata(), dtype=float).tolist()
+
+
+@needs_matplotlib
+def test_curves_figure_plots_what_stats_txt_says(stats_file):
+    run = vis.read_stats(str(stats_file))
+    fig = vis.curves_figure([run])
+    panels = panels_by_key(fig)
+    assert list(panels) == list(vis.DEFAULT_KEYS)  # all ten are in the file, in this order
+    for key, ax in panels.items():
+        (line,) = ax.get_lines()
+        assert xy(line) == expected_series(key), key
+        assert line.get_label() == "run_a" and line.get_color() == "C0"
+        assert any(line.get_markevery()) == key.endswith("_val")  # validation points are marked
+        assert vis.KEY_NAMES[key] in ax.get_title(loc="left")
+        assert ax.get_xlabel() == "step" and ax.get_xlim() == (0, 19)  # the same step range in every plot
+        assert ax.get_xscale() == ax.get_yscale() == "linear"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["run_a (last step 19)"]
+    # Two runs: one line each per plot, a colour each, both in the legend.
+    fig = vis.curves_figure([run, vis.read_stats(str(stats_file), "b")], keys=["l", "lr"])
+    panels = panels_by_key(fig)
+    assert list(panels) == ["l", "lr"]
+    for key, ax in panels.items():
+        lines = ax.get_lines()
+        assert [(ln.get_label(), ln.get_color()) for ln in lines] == [("run_a", "C0"), ("b", "C1")]
+        assert all(xy(ln) == expected_series(key) for ln in lines)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["run_a (last step 19)", "b (last step 19)"]
+
+
+@needs_matplotlib
+def test_curves_gaps_at_non_finite_values():
+    nan, inf = float("nan"), float("inf")
+    run = vis.RunStats("p", "x", series={"l": ([0, 1, 2, 3, 4, 5, 6], [1.0, 2.0, nan, 3.0, inf, 4.0, 5.0]),
+                                         "lr": ([0, 6], [nan, nan])})
+    panels = panels_by_key(vis.curves_figure([run], keys=["l", "lr"]))
+    (line,) = panels["l"].get_lines()
+    steps, values = xy(line)
+    assert steps == [0, 1, 2, 3, 4, 5, 6] and values[:2] == [1.0, 2.0] and values[5:] == [4.0, 5.0]
+    assert np.isnan(values[2]) and values[3] == 3.0 and np.isnan(values[4])  # infinity is a gap too
+    assert list(line.get_markevery()) == [False, False, False, True, False, False, False]  # the lone point
+    assert [t.get_text() for t in panels["lr"].texts] == ["no finite values"]
+
+
+@needs_matplotlib
+def test_render_curves_layout_and_content(stats_file):
     run = vis.read_stats(str(stats_file))
     fig = vis.render_curves([run], cols=4, panel_size=(160, 120))
-    keys = list(vis.DEFAULT_KEYS)  # all ten are in the file
-    rows = -(-len(keys) // 4)
+    rows = -(-len(vis.DEFAULT_KEYS) // 4)
     assert fig.mode == "RGB" and fig.size == figure_wh(rows, 4, 160, 120)
-    for n in range(len(keys)):
-        plot = panel(fig, n // 4, n % 4, 160, 120)
-        assert count_colour(plot, vis.RUN_COLOURS[0]) > 30  # a drawn curve in every plot
+    for n in range(len(vis.DEFAULT_KEYS)):
+        assert count_colour(panel(fig, n // 4, n % 4, 160, 120), TAB10["C0"]) > 30  # a drawn curve in every plot
     assert panel(fig, rows - 1, 3, 160, 120).std() == 0  # the grid's unused cells stay blank
-    two = vis.render_curves([run, vis.read_stats(str(stats_file), "b")], keys=["l", "lr"], cols=4,
-                            panel_size=(160, 120))
-    assert two.size == figure_wh(1, 2, 160, 120)
-    assert count_colour(panel(two, 0, 0, 160, 120), vis.RUN_COLOURS[1]) > 30
+    # The legend takes a line per plot column's worth of runs: 3 runs over 1 column, 2 lines more.
+    three = vis.render_curves([run] * 3, keys=["l"], panel_size=(160, 120))
+    assert three.size == vis.curves_size(1, 1, 160, 120, 3) == (figure_wh(1, 1, 160, 120)[0],
+                                                                 figure_wh(1, 1, 160, 120)[1] + 2 * vis.LABEL_H)
 
 
-def test_nice_ticks():
-    ticks = vis.nice_ticks(0.13, 0.87, 5)
-    assert ticks == [0.2, 0.4, 0.6, 0.8]
-    for lo, hi in [(0, 1), (-3.7, 12.2), (1e-5, 3e-5), (100, 100000)]:
-        t = vis.nice_ticks(lo, hi, 5)
-        assert 2 <= len(t) <= 9 and all(lo - 1e-12 <= v <= hi + 1e-12 for v in t)
-    assert vis.nice_ticks(2.0, 2.0) == [2.0]
-
-
+@needs_matplotlib
 def test_curves_cli(stats_file, tmp_path, capsys):
     other = tmp_path / "b.txt"
     other.write_text(stats_file.read_text())
     run_main("curves", stats_file, other, "--labels", "first", "second", "--keys", "l", "top1_val", "lr")
     out = stats_file.parent / "curves.png"  # default: next to the first stats file
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.size == figure_wh(1, 3, 240, 170)
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == figure_wh(1, 3, 240, 170)
+        assert im.info["dpi"] == pytest.approx((vis.CURVES_DPI, vis.CURVES_DPI), abs=0.01)
+        assert count_colour(np.asarray(im), TAB10["C1"]) > 100  # the second run, drawn over the first
     assert "wrote" in capsys.readouterr().out
+    run_main("curves", stats_file, "--panel-size", 200, 150, "--cols", 2, "--palette", "--out", tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.mode == "P" and im.size == figure_wh(5, 2, 200, 150)
     assert "top9" in user_error(capsys, "curves", stats_file, "--keys", "top9", "--out", tmp_path / "x.png")
     assert "not found" in user_error(capsys, "curves", tmp_path / "missing.txt")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_curves_without_matplotlib_is_one_line_and_the_rest_works(stats_file, tmp_path):
+    """matplotlib hidden (None in sys.modules makes every import of it fail): features still draws, and
+    curves exits 2 with one line that says what to install."""
+    features = ["features", "--random", "--arch", "resnet_test", "--small-input", "--builtin-index", "0",
+                "--builtin-size", "32", "--size", "32", "--panel", str(PANEL), "--out", str(tmp_path / "f.png")]
+    code = ("import sys; sys.modules['matplotlib'] = None; import visualize; "
+            f"visualize.main({features!r}); visualize.main(['curves', {str(stats_file)!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: visualize.py curves needs matplotlib: pip install matplotlib\n"
+    assert (tmp_path / "f.png").is_file() and not (stats_file.parent / "curves.png").exists()
 
 
 # ----------------------------------------------------------------------------- backbones and CLI
