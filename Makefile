@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine:
-#   make demo   install into ./.venv, pretrain on the built-in dataset, evaluate, print a table
-#   make test   install into ./.venv and run the test suite
-# and, longer (27.5 minutes on a 2-core CPU):
+#   make demo      install into ./.venv, pretrain on the built-in dataset, evaluate, print a table
+#   make test      install into ./.venv and run the fast test suite (what a contributor runs often)
+# and, longer:
+#   make test-all  the whole suite, with the long end-to-end runs marked `slow` (what CI runs)
 #   make demo-seg  VICRegL against VICReg and a random network, by frozen linear segmentation
 PYTHON ?= python3
 VENV   ?= .venv
