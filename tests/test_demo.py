@@ -15,8 +15,8 @@ from PIL import Image
 
 import demo
 import evaluate
-from visualize import figure_size
 import training
+from pictures.draw import figure_size
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

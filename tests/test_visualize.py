@@ -1,7 +1,8 @@
-"""visualize.py: each picture is a valid PNG of the size its layout gives and shows something; the
-matches drawn are the pairs models.losses.nearest returns; PCA colours behave; stats.txt parsing and
-the curves plotted from it (matplotlib's line data against the file, and a clear error without it);
-every way of getting a backbone (checkpoint, model.pth, hub --weights, random); user errors."""
+"""visualize.py and pictures/: each picture is a valid PNG of the size its layout gives and shows
+something; the matches drawn are the pairs models.losses.nearest returns; PCA colours behave;
+stats.txt parsing and the curves plotted from it (matplotlib's line data against the file, and a
+clear error without it); every way of getting a backbone (checkpoint, model.pth, hub --weights,
+random); user errors."""
 import importlib.util
 import json
 import subprocess
@@ -15,6 +16,7 @@ from PIL import Image
 import models
 import visualize as vis
 from models.losses import nearest
+from pictures import curves, draw, features, matches
 from transforms import location_grid
 
 from conftest import ROOT
@@ -24,11 +26,11 @@ PANEL = 48
 
 def figure_wh(rows, cols, pw, ph):
     """The documented layout: a title band, then rows of labelled panels separated by PAD."""
-    return vis.PAD + cols * (pw + vis.PAD), vis.TITLE_H + vis.PAD + rows * (vis.LABEL_H + ph + vis.PAD)
+    return draw.PAD + cols * (pw + draw.PAD), draw.TITLE_H + draw.PAD + rows * (draw.LABEL_H + ph + draw.PAD)
 
 
 def panel(fig, row, col, pw=PANEL, ph=PANEL):
-    x, y = vis._panel_xy(row, col, pw, ph)
+    x, y = draw._panel_xy(row, col, pw, ph)
     return np.asarray(fig.crop((x, y, x + pw, y + ph)))
 
 
@@ -70,26 +72,26 @@ def user_error(capsys, *argv):
 
 
 def test_render_features_layout_and_content(tiny, images):
-    fig = vis.render_features(tiny, images, size=32, panel=PANEL)
+    fig = features.render_features(tiny, images, size=32, panel=PANEL)
     assert fig.mode == "RGB" and fig.size == figure_wh(len(images), 2, PANEL, PANEL)
     for row in range(len(images)):
         shown, pca = panel(fig, row, 0), panel(fig, row, 1)
         assert shown.std() > 0 and pca.std() > 0
         assert n_colours(pca) >= 4  # 4x4 cells of a random network: several distinct colours
-    fig3 = vis.render_features(tiny, images[:1], size=32, panel=PANEL, overlay=True, upsample="bilinear")
+    fig3 = features.render_features(tiny, images[:1], size=32, panel=PANEL, overlay=True, upsample="bilinear")
     assert fig3.size == figure_wh(1, 3, PANEL, PANEL)
     # A compared backbone gets its own column and its own PCA: the same network gives the same colours.
-    fig4 = vis.render_features(tiny, images, size=32, panel=PANEL, compare=[("again", tiny)])
+    fig4 = features.render_features(tiny, images, size=32, panel=PANEL, compare=[("again", tiny)])
     assert fig4.size == figure_wh(len(images), 3, PANEL, PANEL)
     assert np.array_equal(panel(fig4, 1, 1), panel(fig4, 1, 2)) and np.array_equal(panel(fig4, 1, 1), panel(fig, 1, 1))
 
 
 def test_dense_features_stages(tiny, images):
-    x = torch.stack([vis.preprocess(im, 64)[0] for _, im in images])
-    last = vis.dense_features(tiny, x, 4)
+    x = torch.stack([features.preprocess(im, 64)[0] for _, im in images])
+    last = features.dense_features(tiny, x, 4)
     assert last.shape == (2, 8, 8, 64)  # small-input ResNet: stride 8
     assert torch.equal(last.reshape(2, 64, 64), tiny(x)[0])  # stage 4 is exactly the maps, row-major
-    assert vis.dense_features(tiny, x, 3).shape == (2, 16, 16, 32)
+    assert features.dense_features(tiny, x, 3).shape == (2, 16, 16, 32)
 
 
 def test_pca_rgb_properties():
@@ -97,23 +99,23 @@ def test_pca_rgb_properties():
     # Features varying along one direction only: the first component follows it, the others are flat.
     t = torch.linspace(0, 1, 16).pow(3).reshape(4, 4, 1)
     direction = torch.randn(1, 1, 8)
-    rgb = vis.pca_rgb([t * direction], clip_percent=0)[0]
+    rgb = features.pca_rgb([t * direction], clip_percent=0)[0]
     assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
     red = rgb[..., 0].reshape(-1).astype(int)
     assert red[0] == 0 and red[-1] == 255 and (np.diff(red) >= 0).all()
     assert (rgb[..., 1:] == 128).all()
     # The sign of a component is fixed by its third moment: negating the features changes nothing.
     f = torch.randn(5, 5, 16).pow(3)
-    assert np.array_equal(vis.pca_rgb([f])[0], vis.pca_rgb([-f])[0])
+    assert np.array_equal(features.pca_rgb([f])[0], features.pca_rgb([-f])[0])
     # Joint PCA: the same map in two images gets the same colours; constant features are grey-free 0.
-    a, b = vis.pca_rgb([f, f.clone()])
+    a, b = features.pca_rgb([f, f.clone()])
     assert np.array_equal(a, b)
-    assert (vis.pca_rgb([torch.ones(3, 3, 4)])[0] == 0).all()
+    assert (features.pca_rgb([torch.ones(3, 3, 4)])[0] == 0).all()
 
 
 def test_preprocess_shape_and_normalisation():
     img = Image.new("RGB", (90, 60), (124, 116, 104))  # about the ImageNet mean
-    x, shown = vis.preprocess(img, 32)
+    x, shown = features.preprocess(img, 32)
     assert x.shape == (3, 32, 32) and shown.size == (32, 32)
     assert x.abs().max() < 0.02
 
@@ -124,7 +126,7 @@ def test_preprocess_shape_and_normalisation():
 def test_matched_pairs_are_nearest():
     torch.manual_seed(1)
     a, b = torch.randn(9, 2) * 10, torch.randn(16, 2) * 10
-    pairs = vis.matched_pairs(a, b, 4)
+    pairs = matches.matched_pairs(a, b, 4)
     kept, nn_idx = nearest(a[None], b[None], 4)
     assert torch.equal(pairs, torch.stack([kept[0], nn_idx[0]], 1))
     # Property: each pair joins a kept position to its nearest neighbour, and the kept positions are the
@@ -132,13 +134,13 @@ def test_matched_pairs_are_nearest():
     dist = torch.cdist(a, b)
     assert torch.equal(pairs[:, 1], dist.argmin(1)[pairs[:, 0]])
     assert pairs[:, 0].tolist() == sorted(dist.min(1).values.argsort()[:4].tolist())
-    every = vis.matched_pairs(a, b, None)
+    every = matches.matched_pairs(a, b, None)
     assert every[:, 0].tolist() == list(range(9)) and torch.equal(every[:, 1], dist.argmin(1))
 
 
 def test_compute_matches_uses_the_loss_pairing(tiny):
     _, image = vis.load_images(builtin_indices=[3], builtin_size=64)[0]
-    m = vis.compute_matches(tiny, image, (32, 24), ((0.3, 1.0), (0.2, 0.6)), (5, 3), seed=2)
+    m = matches.compute_matches(tiny, image, (32, 24), ((0.3, 1.0), (0.2, 0.6)), (5, 3), seed=2)
     for crop, grid, size in zip(m.crops, m.grids, (32, 24)):
         i, j, h, w, H, W = crop
         assert (H, W) == (64, 64) and 0 <= i and i + h <= H and 0 <= j and j + w <= W
@@ -149,7 +151,7 @@ def test_compute_matches_uses_the_loss_pairing(tiny):
     assert torch.equal(m.location["1->2"], torch.stack([kept[0], nn_idx[0]], 1))
     kept, nn_idx = nearest(g2, g1, 3)  # reverse direction, stored as (cell of crop 1, cell of crop 2)
     assert torch.equal(m.location["2->1"], torch.stack([nn_idx[0], kept[0]], 1))
-    maps = [tiny(vis._to_tensor(v)[None])[0] for v in m.views]
+    maps = [tiny(draw._to_tensor(v)[None])[0] for v in m.views]
     kept, nn_idx = nearest(maps[0], maps[1], 5)
     assert torch.equal(m.feature["1->2"], torch.stack([kept[0], nn_idx[0]], 1))
     assert m.image_distance(m.location["1->2"]) <= m.chance_distance()
@@ -158,7 +160,7 @@ def test_compute_matches_uses_the_loss_pairing(tiny):
 def test_identical_crops_match_every_cell_to_itself(tiny):
     _, image = vis.load_images(builtin_indices=[0], builtin_size=32)[0]
     # Scale 1 of a square image: the central-crop fallback, i.e. the whole image, for both crops.
-    m = vis.compute_matches(tiny, image, (32, 32), ((1.0, 1.0), (1.0, 1.0)), (16, 16), all_feature_matches=True)
+    m = matches.compute_matches(tiny, image, (32, 32), ((1.0, 1.0), (1.0, 1.0)), (16, 16), all_feature_matches=True)
     assert m.crops[0] == m.crops[1] == (0, 0, 32, 32, 32, 32)
     identity = torch.arange(16).repeat(2, 1).T
     for pairs in (m.location["1->2"], m.location["2->1"], m.feature["1->2"], m.feature["2->1"]):
@@ -168,18 +170,18 @@ def test_identical_crops_match_every_cell_to_itself(tiny):
 
 def test_render_matches_layout_and_lines(tiny):
     _, image = vis.load_images(builtin_indices=[2], builtin_size=64)[0]
-    m = vis.compute_matches(tiny, image, (32, 32), ((0.5, 1.0), (0.5, 1.0)), (6, 2), seed=0)
-    fig = vis.render_matches(image, m, panel=96)
+    m = matches.compute_matches(tiny, image, (32, 32), ((0.5, 1.0), (0.5, 1.0)), (6, 2), seed=0)
+    fig = matches.render_matches(image, m, panel=96)
     assert fig.mode == "RGB" and fig.size == figure_wh(3, 2, 96, 96)
-    x0, y_loc = vis._panel_xy(1, 0, 96, 96)
-    _, y_feat = vis._panel_xy(2, 0, 96, 96)
+    x0, y_loc = draw._panel_xy(1, 0, 96, 96)
+    _, y_feat = draw._panel_xy(2, 0, 96, 96)
     loc_rows = np.asarray(fig.crop((0, y_loc, fig.width, y_loc + 96)))
     feat_rows = np.asarray(fig.crop((0, y_feat, fig.width, y_feat + 96)))
-    assert count_colour(loc_rows, vis.LOCATION_COLOURS[0]) > 20
-    assert count_colour(feat_rows, vis.FEATURE_COLOURS[0]) > 20
-    assert count_colour(loc_rows, vis.FEATURE_COLOURS[0]) == 0  # two panels, one colour each
+    assert count_colour(loc_rows, matches.LOCATION_COLOURS[0]) > 20
+    assert count_colour(feat_rows, matches.FEATURE_COLOURS[0]) > 20
+    assert count_colour(loc_rows, matches.FEATURE_COLOURS[0]) == 0  # two panels, one colour each
     top = panel(fig, 0, 0, 96, 96)
-    assert count_colour(top, vis.CROP_COLOURS[0]) > 0 and count_colour(top, vis.CROP_COLOURS[1]) > 0
+    assert count_colour(top, matches.CROP_COLOURS[0]) > 0 and count_colour(top, matches.CROP_COLOURS[1]) > 0
 
 
 # ----------------------------------------------------------------------------- curves
@@ -228,7 +230,7 @@ def stats_file(tmp_path):
 
 
 def test_read_stats(stats_file):
-    run = vis.read_stats(str(stats_file.parent))  # the experiment folder works too
+    run = curves.read_stats(str(stats_file.parent))  # the experiment folder works too
     assert run.label == "run_a" and len(run.commands) == 2 and run.skipped == 1
     assert run.series["inv_l"] == ([0, 9, 14, 19], [5.0, 4.0, 2.5, 2.0])  # step 14 keeps its last value
     assert run.series["top1_val"] == ([9, 19], [15.0, 28.0])  # at the last step of epochs 0 and 1
@@ -246,21 +248,21 @@ def xy(line):
 
 @needs_matplotlib
 def test_curves_figure_plots_what_stats_txt_says(stats_file):
-    run = vis.read_stats(str(stats_file))
-    fig = vis.curves_figure([run])
+    run = curves.read_stats(str(stats_file))
+    fig = curves.curves_figure([run])
     panels = panels_by_key(fig)
-    assert list(panels) == list(vis.DEFAULT_KEYS)  # all ten are in the file, in this order
+    assert list(panels) == list(curves.DEFAULT_KEYS)  # all ten are in the file, in this order
     for key, ax in panels.items():
         (line,) = ax.get_lines()
         assert xy(line) == expected_series(key), key
         assert line.get_label() == "run_a" and line.get_color() == "C0"
         assert any(line.get_markevery()) == key.endswith("_val")  # validation points are marked
-        assert vis.KEY_NAMES[key] in ax.get_title(loc="left")
+        assert curves.KEY_NAMES[key] in ax.get_title(loc="left")
         assert ax.get_xlabel() == "step" and ax.get_xlim() == (0, 19)  # the same step range in every plot
         assert ax.get_xscale() == ax.get_yscale() == "linear"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["run_a (last step 19)"]
     # Two runs: one line each per plot, a colour each, both in the legend.
-    fig = vis.curves_figure([run, vis.read_stats(str(stats_file), "b")], keys=["l", "lr"])
+    fig = curves.curves_figure([run, curves.read_stats(str(stats_file), "b")], keys=["l", "lr"])
     panels = panels_by_key(fig)
     assert list(panels) == ["l", "lr"]
     for key, ax in panels.items():
@@ -273,9 +275,9 @@ def test_curves_figure_plots_what_stats_txt_says(stats_file):
 @needs_matplotlib
 def test_curves_gaps_at_non_finite_values():
     nan, inf = float("nan"), float("inf")
-    run = vis.RunStats("p", "x", series={"l": ([0, 1, 2, 3, 4, 5, 6], [1.0, 2.0, nan, 3.0, inf, 4.0, 5.0]),
+    run = curves.RunStats("p", "x", series={"l": ([0, 1, 2, 3, 4, 5, 6], [1.0, 2.0, nan, 3.0, inf, 4.0, 5.0]),
                                          "lr": ([0, 6], [nan, nan])})
-    panels = panels_by_key(vis.curves_figure([run], keys=["l", "lr"]))
+    panels = panels_by_key(curves.curves_figure([run], keys=["l", "lr"]))
     (line,) = panels["l"].get_lines()
     steps, values = xy(line)
     assert steps == [0, 1, 2, 3, 4, 5, 6] and values[:2] == [1.0, 2.0] and values[5:] == [4.0, 5.0]
@@ -286,17 +288,17 @@ def test_curves_gaps_at_non_finite_values():
 
 @needs_matplotlib
 def test_render_curves_layout_and_content(stats_file):
-    run = vis.read_stats(str(stats_file))
-    fig = vis.render_curves([run], cols=4, panel_size=(160, 120))
-    rows = -(-len(vis.DEFAULT_KEYS) // 4)
+    run = curves.read_stats(str(stats_file))
+    fig = curves.render_curves([run], cols=4, panel_size=(160, 120))
+    rows = -(-len(curves.DEFAULT_KEYS) // 4)
     assert fig.mode == "RGB" and fig.size == figure_wh(rows, 4, 160, 120)
-    for n in range(len(vis.DEFAULT_KEYS)):
+    for n in range(len(curves.DEFAULT_KEYS)):
         assert count_colour(panel(fig, n // 4, n % 4, 160, 120), TAB10["C0"]) > 30  # a drawn curve in every plot
     assert panel(fig, rows - 1, 3, 160, 120).std() == 0  # the grid's unused cells stay blank
     # The legend takes a line per plot column's worth of runs: 3 runs over 1 column, 2 lines more.
-    three = vis.render_curves([run] * 3, keys=["l"], panel_size=(160, 120))
-    assert three.size == vis.curves_size(1, 1, 160, 120, 3) == (figure_wh(1, 1, 160, 120)[0],
-                                                                 figure_wh(1, 1, 160, 120)[1] + 2 * vis.LABEL_H)
+    three = curves.render_curves([run] * 3, keys=["l"], panel_size=(160, 120))
+    assert three.size == curves.curves_size(1, 1, 160, 120, 3) == (figure_wh(1, 1, 160, 120)[0],
+                                                                 figure_wh(1, 1, 160, 120)[1] + 2 * draw.LABEL_H)
 
 
 @needs_matplotlib
@@ -307,7 +309,7 @@ def test_curves_cli(stats_file, tmp_path, capsys):
     out = stats_file.parent / "curves.png"  # default: next to the first stats file
     with Image.open(out) as im:
         assert im.format == "PNG" and im.mode == "RGB" and im.size == figure_wh(1, 3, 240, 170)
-        assert im.info["dpi"] == pytest.approx((vis.CURVES_DPI, vis.CURVES_DPI), abs=0.01)
+        assert im.info["dpi"] == pytest.approx((curves.CURVES_DPI, curves.CURVES_DPI), abs=0.01)
         assert count_colour(np.asarray(im), TAB10["C1"]) > 100  # the second run, drawn over the first
     assert "wrote" in capsys.readouterr().out
     run_main("curves", stats_file, "--panel-size", 200, 150, "--cols", 2, "--palette", "--out", tmp_path / "p.png")
@@ -321,10 +323,10 @@ def test_curves_cli(stats_file, tmp_path, capsys):
 def test_curves_without_matplotlib_is_one_line_and_the_rest_works(stats_file, tmp_path):
     """matplotlib hidden (None in sys.modules makes every import of it fail): features still draws, and
     curves exits 2 with one line that says what to install."""
-    features = ["features", "--random", "--arch", "resnet_test", "--small-input", "--builtin-index", "0",
-                "--builtin-size", "32", "--size", "32", "--panel", str(PANEL), "--out", str(tmp_path / "f.png")]
+    argv = ["features", "--random", "--arch", "resnet_test", "--small-input", "--builtin-index", "0",
+            "--builtin-size", "32", "--size", "32", "--panel", str(PANEL), "--out", str(tmp_path / "f.png")]
     code = ("import sys; sys.modules['matplotlib'] = None; import visualize; "
-            f"visualize.main({features!r}); visualize.main(['curves', {str(stats_file)!r}])")
+            f"visualize.main({argv!r}); visualize.main(['curves', {str(stats_file)!r}])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2
     assert proc.stderr == "error: visualize.py curves needs matplotlib: pip install matplotlib\n"
