@@ -1,17 +1,20 @@
 """What the three training scripts share: resume and save with clear errors, the per-step seed, the
-non-finite-loss stop, the progress line with the time left, and the names used in their logs.
+non-finite-loss stop, the progress line with the time left, and the names used in their logs; and
+the pretraining loop's preemption signals (``StopSignal``) and learning-rate schedule (``Schedule``).
 
 Used by ``main_vicregl.py`` (pretraining), ``evaluate.py`` (linear probe and fine-tuning) and
 ``segmentation/train.py`` (linear segmentation head). Every function works in one plain process and
 under a process group; only rank 0 writes files.
 """
 import functools
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 import datasets
 import utils
@@ -230,3 +233,86 @@ def entry_point(fn: Callable) -> Callable:
         finally:
             utils.cleanup_distributed()
     return wrapper
+
+
+class StopSignal:
+    """Preemption: SIGTERM / SIGUSR1 (and SIGUSR2 under submitit) ask the loop to checkpoint the
+    current step and stop; the loop polls ``requested`` between steps. The previous handlers are
+    kept so that run_with_submitit.py can hand over to submitit's requeue afterwards."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.flag, self.signum = False, None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        # A CPU (gloo) group for the flag: agreeing on it never waits for the GPU.
+        self.group = dist.new_group(backend="gloo") if utils.is_dist() else None
+
+    def _handle(self, signum, frame):
+        self.flag, self.signum = True, self.signum or signum
+
+    def requested(self, step: int, device: torch.device) -> bool:
+        if not utils.is_dist():
+            return self.flag
+        if step % 10:  # a collective every 10 steps: all processes stop at the same step
+            return False
+        return self.agree(self.flag)
+
+    def agree_clock(self, used: float, done: bool) -> Tuple[float, bool]:
+        """(process 0's ``used``, whether ``done`` holds in any process), in one collective on the CPU
+        group: a --time-budget run takes its position in the schedule from one clock."""
+        if self.group is None:
+            return used, done
+        t = torch.tensor([used if dist.get_rank() == 0 else 0.0, float(done)], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t[0]), bool(t[1] > 0)
+
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` holds in any process, on the CPU group (every process calls it at the same
+        step). Decisions taken on each process's own clock, such as when to log, go through here:
+        logging runs collectives, which hang when only some processes enter them."""
+        if self.group is None:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, group=self.group)
+        return bool(t.item() > 0)
+
+
+class Schedule:
+    """The learning rate of every step and the number of steps of the run.
+
+    Without --time-budget: warmup and cosine over ``total_steps`` (--epochs' steps, compressed into
+    --max-steps when that is smaller). With it, the position in the schedule of --epochs is the share of
+    the budget used or of the steps done, whichever is further along, so that the cosine ends with the
+    run whether the clock or --epochs ends it; --max-steps then only caps ``total_steps``, which drops to
+    the current step once the budget is spent. ``args.budget_used_s`` holds the seconds used (those of the
+    run that ``ckpt`` comes from included), kept up to date for model.pth.
+    """
+
+    def __init__(self, args, num_images: int, start: float, ckpt: Optional[dict],
+                 agree_clock: Callable[[float, bool], Tuple[float, bool]]):
+        """``num_images``: the training set's size; ``start``: time.time() at the start of the run;
+        ``agree_clock``: StopSignal.agree_clock (process 0's clock for every process)."""
+        self.args, self.agree_clock = args, agree_clock
+        self.epoch_steps = args.epochs * num_images // args.batch_size
+        self.warmup_epoch_steps = args.warmup_epochs * num_images // args.batch_size
+        self.total_steps, self.warmup_steps = schedule_steps(self.epoch_steps, self.warmup_epoch_steps,
+                                                                      args.max_steps)
+        args.budget_used_s = ((ckpt or {}).get("args") or {}).get("budget_used_s") or 0.0
+        self.clock = TimeBudget(args.time_budget * 60, start, args.budget_used_s) if args.time_budget else None
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of global step ``step``. Call it once at the start of every step, before comparing
+        ``step`` with ``total_steps``: with --time-budget it reads the clock (a collective), and ends the
+        run at ``step`` when one more step would overrun the budget."""
+        a = self.args
+        if self.clock is None:
+            return utils.learning_schedule(step, a.batch_size, a.base_lr, a.end_lr_ratio, self.total_steps,
+                                           self.warmup_steps)
+        now = time.time()
+        self.clock.tick(now)
+        # process 0's clock, so that every process sets the same rate
+        a.budget_used_s, spent = self.agree_clock(self.clock.used(now), self.clock.done(now))
+        if spent:
+            self.total_steps = step  # the budget is spent: end here
+        where = max(min(a.budget_used_s / self.clock.seconds, 1.0) * self.epoch_steps, step)
+        return utils.learning_schedule(where, a.batch_size, a.base_lr, a.end_lr_ratio, self.epoch_steps,
+                                       self.warmup_epoch_steps)

@@ -92,10 +92,10 @@ def test_processes_equal_one(tmp_path, world):
 
 def _agreement_worker(rank, world, init_file, out_dir):
     """Each process has its own opinion; the decisions that run collectives must be shared."""
-    import main_vicregl
+    import training
     import utils
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    stop = main_vicregl.StopSignal(signals=())
+    stop = training.StopSignal(signals=())
     results = [stop.agree(rank == 0), stop.agree(False), stop.agree(rank == world - 1),
                utils.any_process(rank == 1), utils.any_process(False), utils.sum_over_processes(rank + 1),
                *utils.max_over_processes([rank, 2 - rank, 7 if rank == 1 else -1]),
