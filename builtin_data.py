@@ -1,11 +1,12 @@
 """The built-in procedural dataset: textured scenes with labels and segmentation masks, made on the fly.
 
-``render_scene`` draws one scene; ``BuiltinDataset`` (classification, and ``sample`` with the mask)
-and ``BuiltinSegmentation`` (image and mask) render sample ``index`` of a split from the seed
-sequence (seed, split, index), so that nothing is downloaded or stored and every process and worker
-sees the same images. ``add_builtin_arguments`` defines the ``--builtin-*`` flags, with one set of
-defaults, for main_vicregl.py, evaluate.py and segmentation/train.py: the same flags draw the same
-images in every script. ``synthetic_photo`` makes a photograph-like test picture (tests, benchmarks).
+``render_scene`` draws one scene (``--builtin-layout``: one large object, or a mosaic of several);
+``BuiltinDataset`` (classification, and ``sample`` with the mask) and ``BuiltinSegmentation`` (image
+and mask) render sample ``index`` of a split from the seed sequence (seed, split, index), so that
+nothing is downloaded or stored and every process and worker sees the same images.
+``add_builtin_arguments`` defines the ``--builtin-*`` flags, with one set of defaults, for
+main_vicregl.py, evaluate.py and segmentation/train.py: the same flags draw the same images in every
+script. ``synthetic_photo`` makes a photograph-like test picture (tests, benchmarks).
 """
 from typing import Callable, Optional, Tuple
 
@@ -28,6 +29,11 @@ def add_builtin_arguments(group) -> None:
                             f"adds the background): pretraining, evaluation and segmentation must agree")
     group.add_argument("--builtin-max-objects", type=int, default=4,
                        help="objects per image of --dataset builtin (1: single-object, easier scenes)")
+    group.add_argument("--builtin-layout", default="single", choices=LAYOUTS,
+                       help="scenes of --dataset builtin: single (one large centred object that sets the class of "
+                            "most pixels, plus small distractors: the default) or mosaic (4 mid-sized objects of "
+                            "distinct classes anywhere, none dominant: local structure for dense features, see "
+                            "docs/dense.md; --builtin-max-objects does not apply)")
     group.add_argument("--builtin-seed", type=int, default=0,
                        help="which images --dataset builtin draws, independent of --seed (the data stay the same "
                             "when only the training seed changes): the same value in every script gives the "
@@ -152,36 +158,77 @@ def _paint_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
     mask[y0:y1, x0:x1][inside] = c + 1
 
 
+def _canvas(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """A scene before its objects: background image (size, size, 3) float32, empty mask (size, size)
+    uint8 and the two object colours (a dark and a light shade of the scene's hue)."""
+    hue = BASE_HUE + rng.uniform(-HUE_SPREAD, HUE_SPREAD)
+    image = _background(rng, size, hue)
+    colours = (_hsv(hue, 0.7, 0.35), _hsv(hue, 0.7, 0.95))
+    return image, np.zeros((size, size), dtype=np.uint8), colours
+
+
+def _finish(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
+            num_classes: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Jitter and noise on the painted scene; the label is the class covering the most visible pixels."""
+    image = _jitter(image, rng)
+    image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)  # sensor-like noise
+    counts = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
+    label = int(counts.argmax())
+    return np.clip(image, 0, 255).astype(np.uint8), mask, label
+
+
+# Mosaic scenes (--builtin-layout mosaic): a few mid-sized objects of distinct classes anywhere, drawn
+# alike, so that no object sets the class of most pixels and crops of one scene often show different
+# classes. Radii and centres are fractions of the side, as for the single layout's objects; the
+# values were chosen with bench/scene_stats.py (docs/dense.md): 3-4 objects or radii up to 0.35 also
+# meet its targets, with less margin.
+MOSAIC_OBJECTS = (4, 4)  # objects per scene, both ends included (capped at the number of classes)
+MOSAIC_RADIUS = (0.25, 0.30)
+MOSAIC_CENTRE = (0.2, 0.8)
+LAYOUTS = ("single", "mosaic")
+
+
 def render_scene(rng: np.random.Generator, size: int, num_classes: int,
-                 max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, int]:
+                 max_objects: int = 4, layout: str = "single") -> Tuple[np.ndarray, np.ndarray, int]:
     """One procedural scene.
 
     Class c is a texture, TEXTURES[c] (stripes, checker, dots, ...), painted in a dark and a light
     shade of one hue. Everything else is a nuisance drawn at random: the outline (SHAPES), size,
     position, rotation, period and phase of the texture, the hue (within the colour augmentation's
-    range) and the brightness, contrast and saturation of the whole scene (see JITTER). A large
-    main object of a uniformly drawn class, near the centre so that most crops show its texture, and
-    up to ``max_objects - 1`` smaller distractors of any class anywhere are painted in random order
-    over a plain background, so they occlude each other. The label is the class covering the most
-    visible pixels (almost always the main object's).
+    range) and the brightness, contrast and saturation of the whole scene (see JITTER).
+    ``layout="single"``: a large main object of a uniformly drawn class, near the centre so that
+    most crops show its texture, and up to ``max_objects - 1`` smaller distractors of any class
+    anywhere are painted in random order over a plain background, so they occlude each other. The
+    label is the class covering the most visible pixels (almost always the main object's).
+    ``layout="mosaic"``: see ``render_mosaic`` (``max_objects`` is not used).
     Returns image (size, size, 3) uint8, mask (size, size) uint8 (0 background, c + 1 for a
     pixel of class c) and the label.
     """
-    hue = BASE_HUE + rng.uniform(-HUE_SPREAD, HUE_SPREAD)
-    image = _background(rng, size, hue)
-    colours = (_hsv(hue, 0.7, 0.35), _hsv(hue, 0.7, 0.95))
-    mask = np.zeros((size, size), dtype=np.uint8)
+    if layout == "mosaic":
+        return render_mosaic(rng, size, num_classes)
+    if layout != "single":
+        raise ValueError(f"layout (--builtin-layout) must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    image, mask, colours = _canvas(rng, size)
     num_distractors = int(rng.integers(0, max_objects))
     classes = rng.integers(0, num_classes, 1 + num_distractors)
     radii = np.concatenate([rng.uniform(0.4, 0.5, 1), rng.uniform(0.12, 0.2, num_distractors)])
     for k in rng.permutation(1 + num_distractors):
         centre = (0.4, 0.6) if k == 0 else (0.15, 0.85)
         _paint_object(image, mask, rng, int(classes[k]), radii[k] * size, centre, colours)
-    image = _jitter(image, rng)
-    image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)  # sensor-like noise
-    counts = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
-    label = int(counts.argmax())
-    return np.clip(image, 0, 255).astype(np.uint8), mask, label
+    return _finish(rng, image, mask, num_classes)
+
+
+def render_mosaic(rng: np.random.Generator, size: int, num_classes: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """A mosaic scene: MOSAIC_OBJECTS objects of distinct classes, radius in MOSAIC_RADIUS and centre
+    in MOSAIC_CENTRE (fractions of the side) for each, painted in random order over the background
+    (so they occlude each other), with the textures, outlines, colours, jitter and noise of
+    ``render_scene``. The label is the class covering the most visible pixels. Same returns."""
+    image, mask, colours = _canvas(rng, size)
+    count = min(int(rng.integers(MOSAIC_OBJECTS[0], MOSAIC_OBJECTS[1] + 1)), num_classes)
+    classes = rng.choice(num_classes, count, replace=False)  # a random order: the painting order
+    for c, radius in zip(classes, rng.uniform(*MOSAIC_RADIUS, count)):
+        _paint_object(image, mask, rng, int(c), radius * size, MOSAIC_CENTRE, colours)
+    return _finish(rng, image, mask, num_classes)
 
 
 class BuiltinDataset(Dataset):
@@ -192,12 +239,13 @@ class BuiltinDataset(Dataset):
     different streams and share no image. ``__getitem__`` returns ``(transform(image), label)``
     with image a PIL RGB image of side ``image_size`` and label in [0, num_classes).
     ``sample(index)`` returns (PIL image, mask (H, W) uint8, label) for segmentation:
-    mask 0 is background and c + 1 marks class c. See ``render_scene`` for the design.
+    mask 0 is background and c + 1 marks class c. ``layout`` ("single" or "mosaic") and
+    ``max_objects`` choose the kind of scene; see ``render_scene`` for the design.
     """
 
     def __init__(self, split: str = "train", num_images: Optional[int] = None,
                  image_size: int = 64, num_classes: int = 10, seed: int = 0,
-                 transform: Optional[Callable] = None, max_objects: int = 4):
+                 transform: Optional[Callable] = None, max_objects: int = 4, layout: str = "single"):
         if split not in _SPLIT_STREAMS:
             raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
         if not 2 <= num_classes <= len(TEXTURES):
@@ -205,6 +253,8 @@ class BuiltinDataset(Dataset):
                              f"got {num_classes}")
         if image_size < 8:
             raise ValueError(f"image_size (--builtin-size) must be at least 8, got {image_size}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout (--builtin-layout) must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.split = split
         self.num_images = num_images if num_images is not None else (10000 if split == "train" else 2000)
         self.image_size = image_size
@@ -213,6 +263,7 @@ class BuiltinDataset(Dataset):
         self.seed = seed
         self.transform = transform
         self.max_objects = max_objects
+        self.layout = layout
 
     def __len__(self) -> int:
         return self.num_images
@@ -222,7 +273,8 @@ class BuiltinDataset(Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         rng = np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index])
-        image, mask, label = render_scene(rng, self.image_size, self.num_object_classes, self.max_objects)
+        image, mask, label = render_scene(rng, self.image_size, self.num_object_classes, self.max_objects,
+                                          self.layout)
         return Image.fromarray(image), mask, label
 
     def __getitem__(self, index: int):
@@ -243,8 +295,8 @@ class BuiltinSegmentation(BuiltinDataset):
 
     def __init__(self, split: str = "train", num_images: Optional[int] = None,
                  image_size: int = 64, num_classes: int = 10, seed: int = 0,
-                 transform: Optional[Callable] = None, max_objects: int = 4):
-        super().__init__(split, num_images, image_size, num_classes, seed, None, max_objects)
+                 transform: Optional[Callable] = None, max_objects: int = 4, layout: str = "single"):
+        super().__init__(split, num_images, image_size, num_classes, seed, None, max_objects, layout)
         self.num_classes = num_classes + 1  # with the background; scenes keep num_object_classes
         self.joint_transform = transform
 

@@ -307,12 +307,12 @@ DATASET_NAMES = ("imagenet1k", "imagefolder", "folder", "builtin") + tuple(publi
 def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable] = None,
                   from_numpy: bool = False, num_images: Optional[int] = None, image_size: int = 64,
                   num_classes: int = 10, seed: int = 0, max_objects: int = 4, download: bool = False,
-                  with_unlabeled: bool = False) -> Dataset:
+                  with_unlabeled: bool = False, layout: str = "single") -> Dataset:
     """The dataset ``name`` (see the module docstring) for ``split`` ("train" or "val").
 
-    num_images, image_size, num_classes, seed and max_objects (1 makes single-object, easier
-    scenes) configure the builtin dataset and are ignored by the others; download and
-    with_unlabeled apply to CIFAR-10/100 and STL-10 only. Errors for a missing or empty
+    num_images, image_size, num_classes, seed, max_objects (1 makes single-object, easier
+    scenes) and layout ("single" or "mosaic") configure the builtin dataset and are ignored by
+    the others; download and with_unlabeled apply to CIFAR-10/100 and STL-10 only. Errors for a missing or empty
     ``data_dir`` are raised here, before any model is built. The dataset's ``num_classes`` gives
     the classifier's width (0: no labels, or not every image labelled).
     """
@@ -321,7 +321,7 @@ def build_dataset(name: str, data_dir, split: str, transform: Optional[Callable]
     if name == "builtin":
         return builtin_data.BuiltinDataset(split=split, num_images=num_images, image_size=image_size,
                                            num_classes=num_classes, seed=seed, transform=transform,
-                                           max_objects=max_objects)
+                                           max_objects=max_objects, layout=layout)
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if data_dir is None:

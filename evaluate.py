@@ -285,7 +285,7 @@ def build_data(args, info: utils.DistInfo):
     """(train loader, val loader, k-NN train loader or None, number of classes)."""
     kw = dict(from_numpy=args.dataset_from_numpy, image_size=args.builtin_size,
               num_classes=args.builtin_classes, seed=args.builtin_seed, max_objects=args.builtin_max_objects,
-              download=args.download)
+              layout=args.builtin_layout, download=args.download)
     val_tf = eval_transform(args.crop_size, args.resize_size)
     try:
         train_set = datasets.build_dataset(args.dataset, args.data_dir, "train", None,

@@ -268,8 +268,8 @@ def build_data(args, info: utils.DistInfo, split: str):
                                          num_images=(args.builtin_images if split == "train"
                                                      else args.builtin_val_images),
                                          image_size=args.builtin_size, num_classes=args.builtin_classes,
-                                         max_objects=args.builtin_max_objects, seed=args.builtin_seed,
-                                         download=args.download, with_unlabeled=True)
+                                         max_objects=args.builtin_max_objects, layout=args.builtin_layout,
+                                         seed=args.builtin_seed, download=args.download, with_unlabeled=True)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     if split == "train" and args.in_memory:
@@ -349,8 +349,8 @@ def build_knn_data(args, info: utils.DistInfo):
                                              num_images=(args.builtin_images if split == "train"
                                                      else args.builtin_val_images),
                                              image_size=args.builtin_size, num_classes=args.builtin_classes,
-                                             max_objects=args.builtin_max_objects, seed=args.builtin_seed,
-                                             download=args.download)
+                                             max_objects=args.builtin_max_objects, layout=args.builtin_layout,
+                                             seed=args.builtin_seed, download=args.download)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
         if not getattr(dataset, "num_classes", 0):

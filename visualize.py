@@ -122,7 +122,7 @@ def load_backbone(checkpoint: Optional[str] = None, *, hub: Optional[str] = None
 
 
 def load_images(paths: Sequence[str] = (), builtin_indices: Sequence[int] = (), builtin_size: int = 64,
-                builtin_split: str = "val", seed: int = 0) -> List[Tuple[str, Image.Image]]:
+                builtin_split: str = "val", seed: int = 0, layout: str = "single") -> List[Tuple[str, Image.Image]]:
     """(name, RGB image) for every file in ``paths``, then every sample of the built-in dataset."""
     out = []
     for p in paths:
@@ -137,7 +137,7 @@ def load_images(paths: Sequence[str] = (), builtin_indices: Sequence[int] = (), 
         from builtin_data import BuiltinDataset  # entry scripts may import the data modules
         try:
             data = BuiltinDataset(builtin_split, num_images=max(builtin_indices) + 1, image_size=builtin_size,
-                                  seed=seed)
+                                  seed=seed, layout=layout)
         except ValueError as e:
             raise UserError(f"built-in dataset: {e}") from None
         for i in builtin_indices:
@@ -193,6 +193,8 @@ def _add_image_args(p: argparse.ArgumentParser, default_indices: Sequence[int]) 
                    help="samples of the built-in procedural dataset (no download) to show")
     g.add_argument("--builtin-size", type=int, default=64, help="image side of the built-in samples")
     g.add_argument("--builtin-split", choices=["train", "val"], default="val", help="built-in split to draw from")
+    g.add_argument("--builtin-layout", choices=["single", "mosaic"], default="single",
+                   help="built-in scenes: one large object (single) or several mid-sized ones (mosaic)")
 
 
 def _add_picture_args(p: argparse.ArgumentParser, default_name: str) -> None:
@@ -317,7 +319,7 @@ def _loaded_from_args(args) -> LoadedBackbone:
 
 def _images_from_args(args, default_indices: Sequence[int]):
     indices = args.builtin_index if args.builtin_index is not None else ([] if args.image else default_indices)
-    return load_images(args.image, indices, args.builtin_size, args.builtin_split)
+    return load_images(args.image, indices, args.builtin_size, args.builtin_split, layout=args.builtin_layout)
 
 
 def _run_features(args) -> None:

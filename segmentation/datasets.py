@@ -314,10 +314,10 @@ class BuiltinMasks(Dataset):
 
     def __init__(self, split: str = "train", num_images: int = 2048, image_size: int = 64,
                  num_object_classes: int = 10, seed: int = 0, transform: Optional[Callable] = None,
-                 max_objects: int = 4):
+                 max_objects: int = 4, layout: str = "single"):
         import builtin_data  # the repository's builtin_data.py (the caller puts the root on sys.path)
         self.source = builtin_data.BuiltinDataset(split, num_images, image_size, num_object_classes, seed, None,
-                                                  max_objects)
+                                                  max_objects, layout)
         self.num_classes = num_object_classes + 1  # with the background
         self.class_names = ("background",) + tuple(builtin_data.TEXTURES[:num_object_classes])  # class c is a texture
         self.transform = transform
@@ -339,7 +339,7 @@ def build_segmentation_dataset(name: str, data_dir, split: str, transform: Optio
                                **builtin) -> Dataset:
     """Dataset ``name`` ('voc', 'ade20k', 'cityscapes' or 'builtin') for ``split``.
 
-    ``builtin`` options (num_images, image_size, num_object_classes, seed, max_objects) configure the
+    ``builtin`` options (num_images, image_size, num_object_classes, seed, max_objects, layout) configure the
     built-in dataset, whose splits are 'train' and 'val'; file datasets need ``data_dir``.
     """
     if name == "builtin":

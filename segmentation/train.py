@@ -278,7 +278,7 @@ def collate_lists(batch):
 def builtin_options(args, split: str) -> dict:
     return dict(num_images=args.builtin_images if split == "train" else args.builtin_val_images,
                 image_size=args.builtin_size, num_object_classes=args.builtin_classes, seed=args.builtin_seed,
-                max_objects=args.builtin_max_objects)
+                max_objects=args.builtin_max_objects, layout=args.builtin_layout)
 
 
 def build_dataset(args, split: str, transform):
