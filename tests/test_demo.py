@@ -120,6 +120,7 @@ def test_two_pretrainings_share_what_the_heads_leave():
 
 # ----------------------------------------------------------------------------- main_vicregl.py
 
+@pytest.mark.slow
 def test_max_steps_stops_mid_epoch_with_the_compressed_schedule(tmp_path):
     # 64 images / 8 = 8 steps an epoch; --epochs 10 (80 steps, 8 of warmup) compressed into 11 steps:
     # warmup round(8 * 11 / 80) = 1 step, then a cosine from 0.256 * 8 / 256 = 0.008 down to 0.00008
@@ -138,6 +139,7 @@ def test_max_steps_stops_mid_epoch_with_the_compressed_schedule(tmp_path):
     assert len(stats(exp)) == 11
 
 
+@pytest.mark.slow
 def test_time_budget_schedule_follows_the_clock_across_a_resume(tmp_path):
     # a budget of 100 hours (10% warmup): whatever this machine's speed, the few seconds of these
     # steps are far inside the warmup, so every lr is positive, rising, and a small part of the peak.

@@ -298,6 +298,7 @@ def _run_sharing(tmp_path, root, world=3):
     return shared, [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+@pytest.mark.slow
 def test_processes_of_a_machine_decode_once_and_share_the_images(tmp_path):
     """Under torchrun/SLURM the first process of a machine decodes; the others map its file, decoding
     nothing; the file is gone once all have mapped it, and a write by one process is seen by all."""

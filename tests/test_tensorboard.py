@@ -153,8 +153,9 @@ def test_scalars_equal_the_stats_lines_at_their_steps(script, request):
         assert any(tag.startswith("val/") for tag in expected)
 
 
-@pytest.mark.parametrize("script,lr_tag", [("pretrain", "train/lr"), ("probe", "train/lr_head"),
-                                           ("segment", "train/lr")])
+@pytest.mark.parametrize("script,lr_tag", [("pretrain", "train/lr"),
+                                           pytest.param("probe", "train/lr_head", marks=pytest.mark.slow),
+                                           pytest.param("segment", "train/lr", marks=pytest.mark.slow)])
 def test_learning_rate_and_images_per_second_at_every_training_line(script, lr_tag, request):
     exp, lines, where = request.getfixturevalue(script)
     board = read_board(exp)
