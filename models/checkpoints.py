@@ -200,8 +200,8 @@ def _load_file(path: str, shown: str, map_location, trusted: bool):
     if trusted:
         print(f"warning: {shown} is unpickled in full because of {TRUST_FLAG}: a file from an untrusted "
               f"source can run code on this machine", file=sys.stderr)
-        try:
-            obj = torch.load(path, map_location=map_location, weights_only=False)
+        try:  # the user opted in (--trust-checkpoint): a full unpickle
+            obj = torch.load(path, map_location=map_location, weights_only=not trusted)
         except Exception as e:  # a truncated file, or whatever the file's own objects raise
             raise CheckpointError(f"cannot read checkpoint {shown}: {_first_line(e)}") from None
         return _checked(obj, shown)
