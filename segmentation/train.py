@@ -305,6 +305,31 @@ def build_train_loader(args, info: utils.DistInfo):
     return dataset, loader
 
 
+def data_error(e: BaseException) -> str:
+    """The message of an error raised while reading the data. A loader worker's error comes back with
+    the worker's traceback in its text, whose last line is the original error: that line is kept."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        kind, sep, rest = last.partition(": ")
+        text = rest if sep and kind.replace(".", "").replace("_", "").isalnum() else last
+    return text
+
+
+def checked_batches(batches, what: str):
+    """``batches``, with a file that cannot be read or holds bad labels turned into a one-line
+    UserError naming ``what`` (training or evaluation data) and the file."""
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as e:
+            raise UserError(f"{what}: {data_error(e)}") from None
+        yield batch
+
+
 def build_val_loader(args, info: utils.DistInfo):
     """Every evaluation image exactly once over the processes (rank r takes r, r + W, ...): no
     padding duplicates, so the summed confusion matrix counts each pixel once."""
@@ -390,7 +415,8 @@ def evaluate(model: seg_head.Segmenter, loader, num_classes: int, args, device, 
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     start = time.time()
-    for n, (images, masks) in enumerate(loader, 1):
+    what = f"evaluation data ({args.dataset} {args.val_split})"
+    for n, (images, masks) in enumerate(checked_batches(loader, what), 1):
         same = len({tuple(x.shape) for x in images}) == 1 and len({tuple(y.shape) for y in masks}) == 1
         groups = [(torch.stack(images), torch.stack(masks))] if same else \
             [(x[None], y[None]) for x, y in zip(images, masks)]
@@ -499,7 +525,8 @@ def train(args) -> None:
     progress = training.Progress(logger, args.iters, args.batch_size, first_step=it)
     loss_sum, loss_count = torch.zeros((), device=info.device), 0  # mean over each logging interval
     while it < stop_at:
-        for images, masks in datasets.epoch_iterator(train_loader, epoch, skip):
+        for images, masks in checked_batches(datasets.epoch_iterator(train_loader, epoch, skip),
+                                             f"training data ({args.dataset} {args.train_split})"):
             lr = learning_rate(it, args.iters, args.lr, args.min_lr, args.poly_power, args.warmup_iters)
             torch.manual_seed(training.step_seed(args.seed, info.rank, it))  # dropout replays after a resume
             loss = training_step(model.features, head, optimizer, images.to(info.device, non_blocking=True),

@@ -164,3 +164,29 @@ def test_training_skips_unreadable_files_evaluation_does_not(tmp_path, capsys):
     assert mask[3, 0] == 2  # sample b took its place
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("warning: skipping unreadable sample") and "a.jpg" in err[0]
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_bad_file_stops_segmentation_with_one_line_naming_it(tmp_path, workers, split):
+    """segmentation/train.py on real files: a validation image that is not an image (training skips
+    those), or a label with values outside the classes in either split, ends the run with one line
+    naming the file, also when a loader worker process read it."""
+    import os
+    import subprocess
+    import sys
+    voc = _voc(tmp_path, train=("a", "b", "d", "e"))
+    if split == "val":
+        (voc / "JPEGImages" / "c.jpg").write_bytes(b"not a jpeg")
+        expected = f"error: evaluation data (voc val): cannot read ('{voc / 'JPEGImages' / 'c.jpg'}'"
+    else:
+        _label(voc / "SegmentationClass" / "b.png", [0, 30])
+        expected = f"error: training data (voc train): {voc / 'SegmentationClass' / 'b.png'}: label values [30]"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "segmentation/train.py", "--dataset", "voc", "--data-dir", str(tmp_path),
+                           "--arch", "resnet_test", "--device", "cpu", "--workers", workers, "--iters", "4",
+                           "--batch-size", "2", "--crop-size", "16", "--scale", "32", "16", "--print-freq", "1",
+                           "--exp-dir", str(tmp_path / "exp")], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-1000:]
