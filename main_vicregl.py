@@ -105,6 +105,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--small-input", action="store_true",
                    help="ResNet with a 3x3 stride-1 stem and no max-pool, for 32-pixel images "
                         "(a 32-pixel crop then gives a 4x4 map)")
+    g.add_argument("--dilated", type=int, default=0, choices=(0, 1),
+                   help="ResNet: 1 replaces the strides of layer3 and layer4 by dilation (output stride 8: "
+                        "a 64-pixel crop gives an 8x8 map), as the segmentation heads read it; 0 (default) "
+                        "keeps the original network")
     g.add_argument("--mlp", default="8192-8192-8192", help="global expander widths")
     g.add_argument("--maps-mlp", default="512-512-512", help="local (per position) expander widths")
 
@@ -203,7 +207,13 @@ def resolve_args(args: argparse.Namespace, job_id: Optional[str] = None) -> argp
 
 def crop_grid_sizes(args) -> List[int]:
     """Side of the location grid of each crop group = side of the backbone's map for that crop."""
-    return [models.map_size(args.arch, s, small_input=args.small_input) for s in args.size_crops]
+    return [models.map_size(args.arch, s, small_input=args.small_input, replace_stride_with_dilation=dilation(args))
+            for s in args.size_crops]
+
+
+def dilation(args) -> Optional[List[bool]]:
+    """--dilated as torchvision's replace_stride_with_dilation (None: the original strides)."""
+    return [False, True, True] if getattr(args, "dilated", 0) else None
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
@@ -239,6 +249,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         raise UserError(f"--threads must be >= 0 (0: automatic), got {args.threads}")
     if args.small_input and models.backbone_family(args.arch) != "resnet":
         raise UserError("--small-input applies to ResNet backbones only")
+    if args.dilated and models.backbone_family(args.arch) != "resnet":
+        raise UserError("--dilated applies to ResNet backbones only")
     sides = crop_grid_sizes(args)
     for size, side in zip(args.size_crops, sides):
         if side < 1:
@@ -362,7 +374,8 @@ def build_knn_data(args, info: utils.DistInfo):
 def build_model(args, num_classes: int, device: torch.device) -> VICRegL:
     bk = models.backbone_kwargs(args.arch, drop_path_rate=args.drop_path_rate,
                                 layer_scale_init_value=args.layer_scale_init_value,
-                                zero_init_residual=True, small_input=args.small_input)
+                                zero_init_residual=True, small_input=args.small_input,
+                                replace_stride_with_dilation=dilation(args))
     cfg = VICRegLConfig(arch=args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, alpha=args.alpha,
                         num_classes=num_classes, num_matches=tuple(args.num_matches),
                         l2_all_matches=bool(args.l2_all_matches), inv_coeff=args.inv_coeff,
@@ -399,7 +412,7 @@ def with_module_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 # Options that must equal the saved ones to resume: they change the model, the loss or the optimiser.
-RESUME_CHECKED = ("arch", "small_input", "mlp", "maps_mlp", "alpha", "optimizer")
+RESUME_CHECKED = ("arch", "small_input", "dilated", "mlp", "maps_mlp", "alpha", "optimizer")
 
 
 def load_resume_state(path: Path, args) -> Optional[dict]:

@@ -201,6 +201,7 @@ def _free_port():
     (["--arch", "resnet7"], "unknown --arch 'resnet7'"),
     (["--arch", "convnext_test", "--size-crops", "64", "16"], "--size-crops 16 is too small for --arch convnext_test"),
     (["--arch", "convnext_test", "--small-input"], "--small-input applies to ResNet backbones only"),
+    (["--arch", "convnext_test", "--dilated", "1"], "--dilated applies to ResNet backbones only"),
     (["--mlp", "32-x"], "--mlp expects"),
     (["--dataset", "imagenet1k", "--data-dir", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
     (["--dataset", "imagenet1k"], "--data-dir"),
@@ -258,6 +259,28 @@ def test_checkpoint_of_another_arch_is_refused_and_kept(finished_run, tmp_path):
     proc = run(exp, "--arch", "resnet18", check=False)
     assert proc.returncode == 2 and "written by a run with --arch resnet_test (now resnet18)" in proc.stderr
     assert digest(exp / "model.pth") == digest(finished_run / "model.pth")
+
+
+def test_checkpoint_of_undilated_network_is_not_resumed_dilated(finished_run, tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "model.pth").write_bytes((finished_run / "model.pth").read_bytes())
+    proc = run(exp, "--dilated", "1", check=False)
+    assert proc.returncode == 2 and "--dilated 0 (now 1)" in proc.stderr
+    assert digest(exp / "model.pth") == digest(finished_run / "model.pth")
+
+
+def test_dilated_network_gives_the_location_grids_of_its_maps():
+    """--dilated 1 keeps layer3 and layer4 at stride 8: crops of 64 and 32 pixels give 8x8 and 4x4
+    maps (64 / 8, 32 / 8) and grids; the original network gives 2x2 and 1x1 (64 / 32, 32 / 32)."""
+    import main_vicregl
+    base = [a for a in TINY if a != "--small-input"]
+    for dilated, sides in (("1", [8, 4]), ("0", [2, 1])):
+        args = main_vicregl.get_args_parser().parse_args([*base, "--size-crops", "64", "32", "--dilated", dilated])
+        assert main_vicregl.crop_grid_sizes(args) == sides
+        model = main_vicregl.build_model(args, 10, torch.device("cpu"))
+        maps = model.backbone(torch.zeros(1, 3, 64, 64))[0]
+        assert maps.shape[1] == sides[0] ** 2, maps.shape
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(finished_run, tmp_path):
