@@ -315,3 +315,41 @@ def test_mirrored_grids_remove_most_disjoint_matches():
               num_matches=[4, 4], seed=0)
     assert flip_overlap.zero_overlap_share(True, 2, **kw) > 15.0
     assert flip_overlap.zero_overlap_share(False, 2, **kw) < 4.0
+
+
+def test_head_diagnostics_by_hand():
+    """bench/seg_diagnostics.py's readings on two hand-made 'images' (background 0, classes 1 and 2),
+    each worked out on paper from its confusion matrix."""
+    from bench import seg_diagnostics
+    y1, p1 = torch.tensor([0, 1, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 2, 2, 2])
+    y2, p2 = torch.tensor([2, 2, 2, 1]), torch.tensor([2, 2, 0, 2])
+    assert seg_diagnostics.majority_object(torch.tensor([[0, 2, 2], [3, 3, 3], [255, 1, 0]]), 11) == 3
+    assert seg_diagnostics.majority_object(torch.tensor([[0, 0, 0, 0], [2, 2, 3, 1]]), 4) == 2  # not background
+    assert seg_diagnostics.repaint(p1, 3).tolist() == [0, 2, 2, 2, 2, 2]
+    assert seg_diagnostics.repaint(torch.tensor([0, 0, 0, 0, 1, 1, 2]), 3).tolist() == [0, 0, 0, 0, 1, 1, 1]
+    s = seg_diagnostics.scores([(p1, y1), (p2, y2)], 3)
+    # plain: IoU 1/2, 2/4, 4/7; repainted: 1/2, 0/4, 4/9; other pixels (y != the image's majority
+    # object): 1/1, 0/1, 2/3; other objects: 2 of 3 pixels right
+    assert s["plain"] == pytest.approx(100 * (0.5 + 0.5 + 4 / 7) / 3, abs=1e-3)
+    assert s["repainted"] == pytest.approx(100 * (0.5 + 4 / 9) / 3, abs=1e-3)
+    assert s["other"] == pytest.approx(100 * (1 + 2 / 3) / 3, abs=1e-3)
+    assert s["other_objects_acc"] == pytest.approx(200 / 3)
+
+
+def test_head_diagnostics_rebuild_the_head_as_it_was_trained(tmp_path):
+    """The plain mIoU of bench/seg_diagnostics.py on a finished head equals the one its own run
+    reported: the head, its backbone and its evaluation scenes were rebuilt as they were."""
+    import json
+    from bench import seg_diagnostics
+    exp = tmp_path / "head"
+    seg_train.main(seg_train.get_args_parser().parse_args([
+        "--dataset", "builtin", "--builtin-layout", "mosaic", "--arch", "resnet_test", "--device", "cpu",
+        "--workers", "0", "--builtin-size", "32", "--builtin-images", "32", "--builtin-val-images", "6",
+        "--batch-size", "4", "--iters", "3", "--eval-interval", "0", "--stages", "4", "--exp-dir", str(exp)]))
+    reported = [json.loads(line[len("Val: "):]) for line in (exp / "stats.txt").read_text().splitlines()
+                if line.startswith("Val: ")][-1]["mIoU"]
+    args = seg_diagnostics.head_args(exp, 0)
+    assert args.builtin_layout == "mosaic" and args.builtin_val_images == 6
+    s = seg_diagnostics.diagnose(args)
+    assert s["plain"] == pytest.approx(reported, abs=1e-3)
+    assert 0 <= s["repainted"] <= 100 and 0 <= s["other"] <= 100
