@@ -5,7 +5,7 @@ network by k-NN and by a linear probe, with the same evaluation settings for bot
     python demo.py --data-dir ~/photos                    # your images: ~/photos/{train,val}/<class>/<image>
     python demo.py --dataset cifar10 --data-dir ~/data --download
     python demo.py --data-dir ~/photos --minutes 5        # a smaller time budget
-    python demo.py --task segmentation                    # dense features: exp/demo-seg/ (27.5 minutes)
+    python demo.py --task segmentation                    # dense features: exp/demo-seg/ (28 minutes)
 
 Every run sizes itself to --minutes, counted from the start of the command (default: 7.5 for the
 built-in dataset, so that make demo with its install stays within ten minutes; 10 for real images),
@@ -19,8 +19,8 @@ resolution) into a copy in the experiment folder, so that neither pretraining no
 large files again and again.
 
 With --task segmentation it compares dense features instead, on the built-in dataset's masks:
-VICRegL (global and local loss) and VICReg (global loss only) pretrained for the same time, and a
-random network, each under the same frozen linear segmentation head (mIoU); see segmentation_demo.
+VICRegL (global and local loss) and VICReg (global loss only) pretrained for the same number of steps,
+and a random network, each under the same frozen linear segmentation head (mIoU); see segmentation_demo.
 
 It runs the project's own scripts (main_vicregl.py, evaluate.py) as a user would, one after the other,
 and reads their stats.txt files; everything they wrote stays in --exp-dir, with results.json (and
@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=_HelpFormatter)
     p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
                    help="classification: pretrain, then k-NN and a linear probe against a random network; "
-                        "segmentation (built-in dataset only): VICRegL and VICReg pretrained for the same time, "
+                        "segmentation (built-in dataset only): VICRegL and VICReg pretrained for the same number of steps, "
                         "then a frozen linear segmentation head on each and on a random network (mIoU)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="your images: DIR/train/<class>/<image> and DIR/val/<class>/<image> (any size, the same "
@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None,
                    help="time budget of the whole run, evaluations included, counted from the start of the "
                         "command (a --download is not counted; 2%% is kept in reserve) (default: 7.5 for the built-in "
-                        "dataset, 10 for real images, 27.5 for --task segmentation)")
+                        "dataset, 10 for real images, 28 for --task segmentation)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="at most this many pretraining steps (0: as many as fit in --minutes); "
                         "for a quick check of the pipeline")
@@ -429,33 +429,34 @@ def builtin_demo(args) -> Tuple[Path, Dict[str, dict], str]:
 # ----------------------------------------------------------------------------- segmentation (built-in)
 
 # Dense features: VICRegL (alpha 0.75: global and local loss) against VICReg (alpha 1.0: the global
-# loss only), pretrained for the same time on 64-pixel scenes of up to four textured objects, and a
-# random network; each gets the same frozen linear segmentation head (segmentation/train.py), trained
-# with the same seed, and is scored by mIoU over background and the object classes.
-# Pretraining: two 64-pixel crops per image (the standard stem turns them into 2x2 maps, whose four
-# positions the local loss matches). The heads see the same scenes drawn at 96 pixels (the renderer
-# scales everything with the side): the crops (30-100% of a scene's area, resized to 64 pixels) show
-# the textures magnified 1-1.8 times, so 96 pixels is the scale pretraining saw (VICRegL's lead over the
-# random network was larger than with heads at 64 pixels), and the maps grow by half. The head reads all
-# four stages (24x24, 12x12, 6x6 and 3x3 maps, resized to 24x24 and concatenated).
-# AdamW at --base-lr 0.01 (a peak of 2.5e-3 for batch 64): better dense features than 0.04 or 0.02 in
-# the runs in docs/experiments.md.
-# Crops of 30-100% of a scene (--min_scale_crops 0.3): 15-100% put VICRegL ahead of VICReg at this
-# budget but cost both methods much on one seed, and the lead was gone at 3,000 steps
-# (docs/experiments.md, "What else was tried").
-SEG_SIDE, SEG_HEAD_SIDE = 64, 96
-SEG_DATA = ["--dataset", "builtin", "--builtin-max-objects", "4"]
-SEG_PRETRAIN = ["--size-crops", str(SEG_SIDE), "--num-crops", "2", "--min_scale_crops", "0.3", "--max_scale_crops",
-                "1", "--num_matches", "4", "4", "--mlp", "1024-1024-1024", "--maps-mlp", "256-256-256",
-                "--epochs", "100", "--warmup-epochs", "5", "--optimizer", "adamw", "--base-lr", "0.01",
-                "--weight-decay", "0.01", "--batch-size", "64", "--num-workers", "1", "--channels-last",
-                "--log-tensors-interval", "30", "--builtin-val-images", "16"]
-SEG_HEAD = ["--stages", "1", "2", "3", "4", "--dilated", "0", "--batch-size", "16", "--lr", "0.1", "--seed", "0",
+# loss only), pretrained for the same number of steps with otherwise identical flags on 64-pixel
+# "mosaic" scenes (four objects of distinct classes, none dominant: one label per image explains
+# little of their masks), and a random network; each gets the same frozen linear segmentation head
+# (segmentation/train.py) on its last stage, trained with the same seed, and is scored by mIoU over
+# background and the object classes. docs/dense.md has the runs behind each choice.
+# - The ResNet's layer3 and layer4 dilated (--dilated 1, output stride 8) in pretraining as in the
+#   heads: a 64-pixel crop gives an 8x8 map, whose 64 positions the local loss matches, 20 of them
+#   kept (--num_matches 20 4, the original's proportion at 224 pixels). The small-input stem gives the
+#   same maps at twice a step's cost.
+# - Location grids mirrored with flipped views (--no-flip-grid 0): with the original's unmirrored ones,
+#   61.6% of the matched cells at 8x8 show disjoint parts of the image.
+# - VICRegL runs first, for the time it is given (--time-budget); VICReg then runs exactly as many steps
+#   (--max-steps), which cost it about 0.6 of the time: its steps have no local loss.
+SEG_SIDE = 64
+SEG_DATA = ["--dataset", "builtin", "--builtin-layout", "mosaic", "--builtin-size", str(SEG_SIDE)]
+SEG_PRETRAIN = ["--dilated", "1", "--size-crops", str(SEG_SIDE), "--num-crops", "2", "--min_scale_crops", "0.3",
+                "--max_scale_crops", "1", "--num_matches", "20", "4", "--no-flip-grid", "0",
+                "--mlp", "1024-1024-1024", "--maps-mlp", "256-256-256", "--epochs", "100", "--warmup-epochs", "5",
+                "--optimizer", "adamw", "--base-lr", "0.01", "--weight-decay", "0.01", "--batch-size", "64",
+                "--num-workers", "1", "--channels-last", "--log-tensors-interval", "30", "--builtin-val-images", "16"]
+SEG_HEAD = ["--stages", "4", "--dilated", "1", "--batch-size", "16", "--lr", "0.1", "--seed", "0",
             "--eval-interval", "0", "--workers", "1", "--print-freq", "100"]
-SEG_ALPHAS = {"vicreg": 1.0, "vicregl": 0.75}
+SEG_ALPHAS = {"vicregl": 0.75, "vicreg": 1.0}  # VICRegL first: VICReg then runs as many steps
 SEG_METHODS = {"random": "none (random initialisation)", "vicreg": "VICReg (alpha 1.0, global loss only)",
                "vicregl": "VICRegL (alpha 0.75, global + local loss)"}
-SEG_HEAD_ITERS, SEG_VAL_IMAGES, SEG_MINUTES = 1000, 500, 27.5
+# VICRegL's share of the pretraining time (VICReg's steps cost about 0.6 of VICRegL's).
+SEG_VICREGL_SHARE = 0.62
+SEG_HEAD_ITERS, SEG_VAL_IMAGES, SEG_MINUTES = 600, 500, 28.0
 SEG_QUICK_HEAD_ITERS, SEG_QUICK_VAL_IMAGES, SEG_QUICK_MINUTES = 30, 32, 3.0
 
 
@@ -467,8 +468,9 @@ def head_miou(exp: Path) -> dict:
 
 def segmentation_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     """Random, VICReg and VICRegL backbones through the same frozen linear segmentation head, within
-    --minutes: the random head runs first and measures what a head costs; the two pretrainings share
-    what is left after two more heads. (exp, {name: {"miou", "aacc"}}, description)."""
+    --minutes: the random head runs first and measures what a head costs; VICRegL pretrains for its
+    share of what is left after two more heads, and VICReg for as many steps. (exp, {name: {"miou",
+    "aacc"}}, description)."""
     if args.data_dir is not None or args.dataset is not None:
         raise UserError("--task segmentation runs on the built-in dataset (its masks): drop --data-dir/--dataset")
     minutes = budget_minutes(args, SEG_MINUTES, SEG_QUICK_MINUTES)
@@ -479,29 +481,31 @@ def segmentation_demo(args) -> Tuple[Path, Dict[str, dict], str]:
     exp.mkdir(parents=True, exist_ok=True)
     common = [*SEG_DATA, "--builtin-images", str(args.images), "--builtin-seed", str(args.builtin_seed),
               "--arch", args.arch, "--device", args.device]
-    head = ["segmentation/train.py", *common, "--builtin-size", str(SEG_HEAD_SIDE), *SEG_HEAD,
-            "--builtin-val-images", str(val_images), "--iters", str(iters)]
+    head = ["segmentation/train.py", *common, *SEG_HEAD, "--builtin-val-images", str(val_images), "--iters", str(iters)]
     head_s = run([*head, "--exp-dir", str(exp / "head_random")], exp / "head_random.log")
-    budget = pretrain_minutes(minutes, time.time() - args.start, head_s, evals_left=len(SEG_ALPHAS),
-                              pretrainings=len(SEG_ALPHAS))
+    # both pretrainings share one budget: VICRegL's share of it as its --time-budget
+    both = pretrain_minutes(minutes, time.time() - args.start, head_s, evals_left=len(SEG_ALPHAS), pretrainings=1,
+                            overhead_s=len(SEG_ALPHAS) * PRETRAIN_OVERHEAD_S)
     cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    for name, alpha in SEG_ALPHAS.items():
-        run(["main_vicregl.py", *common, "--builtin-size", str(SEG_SIDE), *SEG_PRETRAIN, "--alpha", str(alpha),
-             "--time-budget", f"{budget:.3f}", *cap, "--exp-dir", str(exp / name)], exp / f"{name}.log")
+    run(["main_vicregl.py", *common, *SEG_PRETRAIN, "--alpha", str(SEG_ALPHAS["vicregl"]),
+         "--time-budget", f"{both * SEG_VICREGL_SHARE:.3f}", *cap, "--exp-dir", str(exp / "vicregl")],
+        exp / "vicregl.log")
+    steps = pretrain_steps(exp / "vicregl")
+    run(["main_vicregl.py", *common, *SEG_PRETRAIN, "--alpha", str(SEG_ALPHAS["vicreg"]), "--max-steps", str(steps),
+         "--exp-dir", str(exp / "vicreg")], exp / "vicreg.log")
     for name in SEG_ALPHAS:
         run([*head, "--pretrained", str(exp / name / "backbone.pth"), "--exp-dir", str(exp / f"head_{name}")],
             exp / f"head_{name}.log")
     run(["visualize.py", "features", "--random", "--arch", args.arch, "--label", "random",
-         "--compare", *(f"{name}={exp / name / 'backbone.pth'}" for name in SEG_ALPHAS),
-         "--builtin-index", "0", "1", "2", "3", "--builtin-size", str(SEG_HEAD_SIDE), "--size", str(SEG_HEAD_SIDE),
-         "--stage", "2", "--panel", "160", "--device", args.device, "--out", str(exp / "features.png")],
-        exp / "features.log")
-    results = {name: head_miou(exp / f"head_{name}") for name in ("random", *SEG_ALPHAS)}
-    steps = ", ".join(f"{name} {pretrain_steps(exp / name)}" for name in SEG_ALPHAS)
-    what = (f"built-in dataset (seed {args.builtin_seed}), scenes of {SEG_SIDE} pixels for pretraining and "
-            f"{SEG_HEAD_SIDE} for the heads, "
+         "--compare", *(f"{name}={exp / name / 'backbone.pth'}" for name in ("vicreg", "vicregl")),
+         "--builtin-index", "0", "1", "2", "3", "--builtin-layout", "mosaic", "--builtin-size", str(SEG_SIDE),
+         "--size", str(SEG_SIDE), "--stage", "2", "--panel", "160", "--device", args.device,
+         "--out", str(exp / "features.png")], exp / "features.log")
+    results = {name: head_miou(exp / f"head_{name}") for name in ("random", "vicreg", "vicregl")}
+    what = (f"built-in mosaic scenes (seed {args.builtin_seed}) of {SEG_SIDE} pixels, "
             f"{builtin_data.BuiltinDataset('train', args.images).num_classes} object classes + background; "
-            f"pretraining steps: {steps}; linear head: {iters} iterations of 16, {val_images} evaluation images")
+            f"{steps} pretraining steps of 64 for each method; linear head on the last stage (8x8): "
+            f"{iters} iterations of 16, {val_images} evaluation images")
     return exp, results, what
 
 

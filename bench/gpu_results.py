@@ -12,10 +12,11 @@ and of the random network, with the same settings. The recipe is the usual one f
 LARS at 0.3 for a batch of 256, weight decay 1e-4, 2 crops of 32 pixels and 4 of 16, no blur;
 mixed precision on a GPU.
 
-segmentation: the built-in dataset's masks at a larger budget than `make demo-seg`: --seg-images scenes
-drawn at 96 pixels and crops of 96 (3x3 maps of resnet_mini instead of 2x2), VICReg and VICRegL
-pretrained for the same time, and the same frozen linear head on each and on a random network, at 144
-pixels (the scale that the crops show), scored by mIoU.
+segmentation: `make demo-seg`'s design at a GPU's size, on each of --seg-seeds (three image seeds):
+--seg-images mosaic scenes of 96 pixels, resnet_mini with layer3 and layer4 dilated, so that a 96-pixel
+crop gives a 12x12 map (20 of its 144 positions matched), batch 256; VICRegL pretrained for its share of
+the seed's time and VICReg for as many steps; then the same frozen linear head on the last stage of
+each and of a random network, scored by mIoU on the validation scenes.
 
 speed (with --reference, a checkout of github.com/facebookresearch/VICRegL): our training step against
 the original's, `bench/train_step.py --reference` at the paper's sizes on this device (resnet50 and
@@ -49,7 +50,7 @@ CLS_PRETRAIN = ["--small-input", "--size-crops", "32", "16", "--num-crops", "2",
 CLS_EVALUATE = ["--small-input", "--crop-size", "32", "--resize-size", "32", "--batch-size", "256",
                 "--feature-probe", "--epochs", "100", "--lr-head", "0.01", "--weight-decay", "1e-4",
                 "--knn", "--knn-k", "20", "--knn-temperature", "0.07"]
-SEG_SIDE, SEG_HEAD_SIDE = 96, 144
+SEG_SIDE, SEG_BATCH = 96, 256
 TABLES = {"classification": (("k-NN top-1 (%)", "knn_top1"), ("linear top-1 (%)", "linear_top1")),
           "segmentation": (("mIoU (%)", "miou"), ("pixel accuracy (%)", "aacc"))}
 
@@ -84,7 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=200, help="classification: pretraining epochs (at most)")
     p.add_argument("--batch-size", type=int, default=256, help="classification: pretraining batch")
     p.add_argument("--seg-images", type=int, default=50000, help="segmentation: built-in training scenes")
-    p.add_argument("--seg-seed", type=int, default=1, help="segmentation: --builtin-seed of the scenes")
+    p.add_argument("--seg-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="segmentation: --builtin-seed of the scenes, one comparison each")
     p.add_argument("--head-iters", type=int, default=2000, help="segmentation: iterations of each linear head")
     p.add_argument("--seg-val-images", type=int, default=1000, help="segmentation: evaluation scenes")
     p.add_argument("--workers", type=int, default=10, help="data-loading processes of every run")
@@ -118,10 +120,12 @@ class Results:
             rows = self.data.get(part)
             if not rows:
                 continue
+            seeded = all("seed" in r for r in rows.values())
             lines += [f"{part} ({self.data['device']}):", "",
-                      "| backbone | pretraining | " + " | ".join(c for c, _ in columns) + " | minutes |",
-                      "|---" * (len(columns) + 3) + "|"]
-            lines += [f"| {r['arch']} | {NAMES[name]}{r.get('what', '')} | "
+                      "| backbone | pretraining | " + "image seed | " * seeded + " | ".join(c for c, _ in columns)
+                      + " | minutes |", "|---" * (len(columns) + 3 + seeded) + "|"]
+            lines += [f"| {r['arch']} | {NAMES[name.split()[0]]}{r.get('what', '')}"
+                      + (f" | {r['seed']}" if seeded else "") + " | "
                       + " | ".join(f"{r[key]:.1f}" for _, key in columns) + f" | {r['minutes']:.1f} |"
                       for name, r in rows.items()]
             lines.append("")
@@ -173,15 +177,51 @@ def classification(args, results: Results, minutes: float) -> None:
 
 
 def segmentation(args, results: Results, minutes: float) -> None:
-    common = [*demo.SEG_DATA, "--builtin-images", str(args.seg_images), "--builtin-seed", str(args.seg_seed),
-              "--arch", "resnet_mini", "--device", args.device]
-    head = ["segmentation/train.py", *common, "--builtin-size", str(SEG_HEAD_SIDE),
-            *replaced(demo.SEG_HEAD, "--workers", str(args.workers)),
+    """demo.segmentation_demo's comparison (equal steps: VICRegL for its share of the time, then VICReg
+    for as many steps) at --seg-images scenes of SEG_SIDE pixels, once per seed in --seg-seeds, each
+    seed with an equal share of what is left of ``minutes``; rows "<method> seed <S>"."""
+    start = time.time()
+    for k, seed in enumerate(args.seg_seeds):
+        share = (minutes - (time.time() - start) / 60) / (len(args.seg_seeds) - k)
+        segmentation_seed(args, results, share, seed)
+
+
+def segmentation_seed(args, results: Results, minutes: float, seed: int) -> None:
+    start, part = time.time(), "segmentation"
+    common = [*replaced(demo.SEG_DATA, "--builtin-size", str(SEG_SIDE)), "--builtin-images", str(args.seg_images),
+              "--builtin-seed", str(seed), "--arch", "resnet_mini", "--device", args.device]
+    head = ["segmentation/train.py", *common, *replaced(demo.SEG_HEAD, "--workers", str(args.workers)),
             "--builtin-val-images", str(args.seg_val_images), "--iters", str(args.head_iters)]
-    pretrain = replaced(replaced(demo.SEG_PRETRAIN, "--size-crops", str(SEG_SIDE)), "--num-workers", str(args.workers))
-    compare(args, results, "segmentation", minutes, head, lambda exp: {"arch": "resnet_mini", **demo.head_miou(exp)},
-            ["main_vicregl.py", *common, "--builtin-size", str(SEG_SIDE), *pretrain],
-            int(pretrain[pretrain.index("--batch-size") + 1]), args.seg_images)
+    pretrain = ["main_vicregl.py", *common, *replaced(replaced(replaced(
+        demo.SEG_PRETRAIN, "--size-crops", str(SEG_SIDE)), "--num-workers", str(args.workers)),
+        "--batch-size", str(SEG_BATCH)), *args.fp16]
+    tag = f"_s{seed}"
+
+    def head_of(name: str, extra: List[str]) -> Tuple[float, dict]:
+        exp = args.out / f"{part}_eval_{name}{tag}"
+        seconds = demo.run([*head, *extra, "--exp-dir", str(exp)], args.out / f"{part}_eval_{name}{tag}.log")
+        return seconds, {"arch": "resnet_mini", "seed": seed, **demo.head_miou(exp)}
+
+    head_s, scores = head_of("random", [])
+    results.add(part, f"random seed {seed}", {**scores, "minutes": head_s / 60})
+    both = demo.pretrain_minutes(minutes, time.time() - start, head_s, evals_left=2, pretrainings=1,
+                                 overhead_s=2 * demo.PRETRAIN_OVERHEAD_S)
+    print(f"{part} seed {seed}: {args.seg_images:,} training scenes; VICRegL gets "
+          f"{both * demo.SEG_VICREGL_SHARE:.1f} minutes, VICReg as many steps", flush=True)
+    steps = 0
+    for name in ("vicregl", "vicreg"):
+        exp = args.out / f"{part}_{name}{tag}"
+        limit = (["--time-budget", f"{both * demo.SEG_VICREGL_SHARE:.3f}",
+                  *(["--max-steps", str(args.max_steps)] if args.max_steps else [])]
+                 if name == "vicregl" else ["--max-steps", str(steps)])
+        pretrain_s = demo.run([*pretrain, "--alpha", str(demo.SEG_ALPHAS[name]), *limit, "--exp-dir", str(exp)],
+                              args.out / f"{part}_{name}{tag}.log")
+        steps = demo.pretrain_steps(exp)
+        head_s, scores = head_of(name, ["--pretrained", str(exp / "backbone.pth")])
+        what = (f", {steps:,} step{'s' * (steps != 1)} of {SEG_BATCH} "
+                f"({steps * SEG_BATCH / args.seg_images:.3g} epochs)")
+        results.add(part, f"{name} seed {seed}", {**scores, "minutes": (pretrain_s + head_s) / 60, "steps": steps,
+                                                  "what": what, "pretrain_minutes": round(pretrain_s / 60, 2)})
 
 
 def speed(args, results: Results, minutes: float) -> None:

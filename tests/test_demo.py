@@ -332,9 +332,10 @@ def test_builtin_demo_runs_the_same_timed_comparison(tmp_path):
 
 @pytest.mark.slow
 def test_segmentation_demo_compares_three_backbones_through_one_head(tmp_path):
-    """--task segmentation: VICReg (alpha 1) and VICRegL (alpha 0.75) pretrained with identical flags and
-    budget, then the same head (same flags and seed) on them and on a random network; results.json
-    holds each head's final mIoU; the images come from --builtin-seed everywhere."""
+    """--task segmentation: VICRegL (alpha 0.75) pretrained for its time, VICReg (alpha 1) for as many
+    steps with otherwise identical flags, on mosaic scenes with 8x8 maps; then the same head (same flags
+    and seed) on them and on a random network; results.json holds each head's final mIoU; the images
+    come from --builtin-seed everywhere."""
     exp = tmp_path / "exp"
     proc = run_demo("--task", "segmentation", "--quick", "--max-steps", "2", "--images", "64", "--builtin-seed", "3",
                     "--arch", "resnet_test", "--exp-dir", str(exp))
@@ -347,20 +348,27 @@ def test_segmentation_demo_compares_three_backbones_through_one_head(tmp_path):
         assert results[name]["miou"] == round(val[-1]["mIoU"], 2) and 0 < results[name]["miou"] <= 100
     commands = {run: (exp / run / "stats.txt").read_text().splitlines()[0].split()
                 for run in ("head_random", "head_vicreg", "head_vicregl", "vicreg", "vicregl")}
-    for run, command in commands.items():
-        assert command[command.index("--builtin-seed") + 1] == "3", run
-        assert command[command.index("--builtin-size") + 1] == ("64" if run in ("vicreg", "vicregl") else "96"), run
-    drop = {"--pretrained", "--exp-dir", "--alpha"}
+
+    def value(run, flag):
+        return commands[run][commands[run].index(flag) + 1]
+
+    for run in commands:
+        assert value(run, "--builtin-seed") == "3" and value(run, "--builtin-size") == "64", run
+        assert value(run, "--builtin-layout") == "mosaic" and value(run, "--dilated") == "1", run
+    drop = {"--pretrained", "--exp-dir", "--alpha", "--time-budget", "--max-steps"}
 
     def kept(c):
         return [a for i, a in enumerate(c) if a not in drop and c[i - 1] not in drop]
 
     assert kept(commands["head_random"]) == kept(commands["head_vicreg"]) == kept(commands["head_vicregl"])
-    assert "--pretrained" not in commands["head_random"]
+    assert value("head_random", "--stages") == "4" and "--pretrained" not in commands["head_random"]
     assert kept(commands["vicreg"]) == kept(commands["vicregl"])
-    alphas = {run: float(commands[run][commands[run].index("--alpha") + 1]) for run in ("vicreg", "vicregl")}
+    assert value("vicregl", "--num_matches") == "20" and value("vicregl", "--no-flip-grid") == "0"
+    alphas = {run: float(value(run, "--alpha")) for run in ("vicreg", "vicregl")}
     assert alphas == {"vicreg": 1.0, "vicregl": 0.75}
+    assert "--time-budget" in commands["vicregl"] and "--time-budget" not in commands["vicreg"]
     assert demo.pretrain_steps(exp / "vicreg") == demo.pretrain_steps(exp / "vicregl") == 2
+    assert value("vicreg", "--max-steps") == "2"
     with Image.open(exp / "features.png") as im:  # image, random, vicreg, vicregl: four columns
         assert im.size == figure_size(4, 4, 160, 160)
 
