@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from . import backbone_family, build_backbone
-from .checkpoints import (CheckpointError, _summary, extract_backbone_state_dict, guess_arch,
+from .checkpoints import (CheckpointError, _describe, _summary, extract_backbone_state_dict, guess_arch,
                           load_backbone_weights, misfit, read_checkpoint)
 
 __all__ = ["TIMM_ARCHS", "to_timm_state_dict", "from_timm_state_dict", "timm_model_args", "to_timm",
@@ -189,7 +189,8 @@ def to_timm(source, arch: Optional[str] = None, **timm_kwargs) -> nn.Module:
     import timm  # optional dependency, only needed here
 
     backbone = source if isinstance(source, nn.Module) else None
-    sd = backbone.state_dict() if backbone is not None else extract_backbone_state_dict(read_checkpoint(source))
+    sd = (backbone.state_dict() if backbone is not None
+          else extract_backbone_state_dict(read_checkpoint(source), _describe(source)))
     if arch is None:
         arch = guess_arch(sd)
         if arch is None:
@@ -215,7 +216,7 @@ def from_timm(source, arch: str, **backbone_kwargs) -> nn.Module:
     without a classifier), loaded strictly. ``backbone_kwargs`` go to our factory (for example
     ``layer_scale_init_value=1e-6`` for timm's layer-scaled ImageNet ConvNeXts)."""
     sd = (source.state_dict() if isinstance(source, nn.Module)
-          else extract_backbone_state_dict(read_checkpoint(source)))
+          else extract_backbone_state_dict(read_checkpoint(source), _describe(source)))
     backbone, _ = build_backbone(arch, **backbone_kwargs)
     load_backbone_weights(backbone, from_timm_state_dict(sd, arch), arch)
     return backbone

@@ -118,3 +118,11 @@ def test_wrong_arch_and_unknown_keys_are_refused():
         from_timm(timm.create_model("resnet18", pretrained=False), "resnet18")
     with pytest.raises(ValueError, match="no timm counterpart registered for 'resnet50x2'"):
         to_timm(models.build_backbone("resnet_test")[0], "resnet50x2")
+
+
+def test_a_file_without_weights_is_named_in_both_directions(tmp_path):
+    path = tmp_path / "args_only.pth"
+    torch.save({"args": {"arch": "resnet18"}, "epoch": 3}, path)
+    for convert in (lambda: to_timm(str(path)), lambda: from_timm(str(path), "resnet18")):
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} holds no state dict"):
+            convert()
