@@ -166,8 +166,8 @@ def test_training_skips_unreadable_files_evaluation_does_not(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("warning: skipping unreadable sample") and "a.jpg" in err[0]
 
 
-@pytest.mark.parametrize("workers", ["0", "1"])
-@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("split,workers", [("val", "1"), ("train", "0"), pytest.param("val", "0", marks=pytest.mark.slow),
+                                           pytest.param("train", "1", marks=pytest.mark.slow)])
 def test_a_bad_file_stops_segmentation_with_one_line_naming_it(tmp_path, workers, split):
     """segmentation/train.py on real files: a validation image that is not an image (training skips
     those), or a label with values outside the classes in either split, ends the run with one line
