@@ -213,7 +213,7 @@ def crop_grid_sizes(args) -> List[int]:
 
 def dilation(args) -> Optional[List[bool]]:
     """--dilated as torchvision's replace_stride_with_dilation (None: the original strides)."""
-    return [False, True, True] if getattr(args, "dilated", 0) else None
+    return [False, True, True] if args.dilated else None
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:

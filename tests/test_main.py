@@ -252,21 +252,16 @@ def test_corrupted_checkpoint_is_refused_and_kept(tmp_path):
     assert digest(exp / "model.pth") == before
 
 
-def test_checkpoint_of_another_arch_is_refused_and_kept(finished_run, tmp_path):
+@pytest.mark.parametrize("flags,message", [
+    (["--arch", "resnet18"], "written by a run with --arch resnet_test (now resnet18)"),
+    (["--dilated", "1"], "--dilated 0 (now 1)"),  # the dilated network is another model
+])
+def test_checkpoint_of_another_model_is_refused_and_kept(finished_run, tmp_path, flags, message):
     exp = tmp_path / "exp"
     exp.mkdir()
     (exp / "model.pth").write_bytes((finished_run / "model.pth").read_bytes())
-    proc = run(exp, "--arch", "resnet18", check=False)
-    assert proc.returncode == 2 and "written by a run with --arch resnet_test (now resnet18)" in proc.stderr
-    assert digest(exp / "model.pth") == digest(finished_run / "model.pth")
-
-
-def test_checkpoint_of_undilated_network_is_not_resumed_dilated(finished_run, tmp_path):
-    exp = tmp_path / "exp"
-    exp.mkdir()
-    (exp / "model.pth").write_bytes((finished_run / "model.pth").read_bytes())
-    proc = run(exp, "--dilated", "1", check=False)
-    assert proc.returncode == 2 and "--dilated 0 (now 1)" in proc.stderr
+    proc = run(exp, *flags, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
     assert digest(exp / "model.pth") == digest(finished_run / "model.pth")
 
 
